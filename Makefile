@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+export OMP_NUM_THREADS ?= 2
+export DS_ACCELERATOR ?= cpu
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export MALLOC_TRIM_THRESHOLD_ ?= 0
+
+.PHONY: install test lint demo clean bench
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@# CPU machines get the CPU build of torch; a torch already in the venv (e.g. a CUDA build) is kept.
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(BIN)/ruff check fairdiff_ray jobs tests bench
+
+test: install lint
+	$(BIN)/python -m pytest -q -x --timeout=900 tests
+
+demo: install
+	$(BIN)/python jobs/debias.py --config configs/synthetic_gender.yaml --demo
+
+bench: install
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) runs/demo

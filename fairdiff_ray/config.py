@@ -1,0 +1,301 @@
+"""Typed, frozen run configuration loaded from YAML with ``a.b=value`` overrides.
+
+Every section is a frozen pydantic model that forbids unknown keys. Errors are ConfigError with one line that
+names the key, the problem and (for a misspelt key) the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fairdiff_ray.core.targets import TargetDistribution
+from fairdiff_ray.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False, validate_default=True)
+
+
+class RunConfig(_Section):
+    name: str = "fairdiff"
+    storage: str = "runs"  # local directory or any pyarrow filesystem URI (s3://, gs://, ...)
+    seed: int = 0
+    overwrite: bool = False
+
+
+class ModelConfig(_Section):
+    path: str = "assets/synthetic-sd"  # a local diffusers Stable Diffusion directory
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+class FacesConfig(_Section):
+    detector: Literal["synthetic", "dlib", "insightface"] = "synthetic"
+    insightface_pack: str | None = None  # directory of an InsightFace model pack (e.g. buffalo_l)
+    det_size: int = Field(640, gt=0)
+    expand: float = Field(0.5, ge=0)
+    min_score: float = Field(0.5, ge=0, le=1)
+
+
+class ClassifierConfig(_Section):
+    kind: Literal["synthetic", "dlib", "clip_heads"] = "synthetic"
+    path: str | None = None  # weights directory (synthetic / clip_heads)
+    backbone: str | None = None  # local CLIP vision directory for clip_heads
+    age_threshold: float = 35.0  # dlib age network: years at and above which a face counts as 'old'
+
+
+class AdaptorConfig(_Section):
+    kind: Literal["text_lora", "unet_lora", "both", "soft_prompt", "full_unet", "full_text"] = "text_lora"
+    rank: int = Field(50, gt=0)
+    alpha: float | None = None  # None -> alpha = rank
+    dropout: float = Field(0.0, ge=0, lt=1)
+    text_targets: list[str] = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+    unet_targets: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+    soft_tokens: int = Field(5, gt=0)
+    ema_decay: float = Field(0.996, ge=0, lt=1)
+
+
+class SamplerConfig(_Section):
+    scheduler: Literal["dpmsolver++", "ddim"] = "dpmsolver++"
+    steps: int = Field(20, gt=0)
+    steps_jitter: int = Field(2, ge=0)  # training draws steps uniformly in [steps - jitter, steps + jitter]
+    guidance_scale: float = Field(7.5, ge=0)
+    estimator: Literal["adjusted", "exact", "truncated", "random_truncation"] = "adjusted"
+    truncate_k: int | None = Field(None, gt=0)
+    checkpoint: bool = True
+
+    @model_validator(mode="after")
+    def _k(self) -> SamplerConfig:
+        if self.estimator in ("truncated", "random_truncation") and self.truncate_k is None:
+            raise ValueError(f"sampler.truncate_k must be set for estimator {self.estimator!r}")
+        if self.steps_jitter >= self.steps:
+            raise ValueError("sampler.steps_jitter must be smaller than sampler.steps")
+        return self
+
+
+class LossConfig(_Section):
+    threshold: float = Field(0.8, gt=0, le=1)  # C: confidence needed for a target
+    ot_method: Literal["auto", "closed_form", "exact", "monte_carlo"] = "auto"
+    num_draws: int = Field(200, gt=0)
+    age_asymmetric_cost: bool = False
+    lambda_img: float = Field(8.0, ge=0)
+    lambda_face: float = Field(1.0, ge=0)
+    mismatch_weight: dict[str, float] = {"gender": 0.2, "race": 0.6, "age": 0.6}
+    face_region_scale: dict[str, float] = {"gender": 0.2, "race": 0.3, "age": 0.3}
+    face_confidence: float = Field(0.9, gt=0, le=1)
+
+
+class FeaturesConfig(_Section):
+    """Optional feature nets for the preservation losses; each is a local directory or null (off)."""
+
+    clip: str | None = None
+    dino: str | None = None
+    face_embedder: str | None = None
+    face_bank: str | None = None
+    synthetic: str | None = None  # the synthetic world's stand-in feature net
+
+
+class TrainConfig(_Section):
+    steps: int = Field(1000, gt=0)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    images_per_prompt: int = Field(24, gt=0)  # N, summed over all workers
+    prompts_per_step: int = Field(1, gt=0)
+    chunk_size: int = Field(8, gt=0)  # images per backward chunk on one worker
+    schedule: Literal["fused", "reference"] = "fused"
+    checkpoint_every: int = Field(100, gt=0)
+    num_to_keep: int = Field(2, gt=0)
+    validate_every: int = Field(0, ge=0)  # 0 = no periodic validation
+    log_every: int = Field(1, gt=0)
+    max_grad_norm: float | None = None
+
+
+class PromptSetConfig(_Section):
+    path: str
+    concept: str | None = None  # overrides the file's concept column when set
+    weight: float = Field(1.0, gt=0)
+
+
+class DataConfig(_Section):
+    prompt_sets: list[PromptSetConfig] = [PromptSetConfig(path="data/prompts/occupations.jsonl")]
+    split: Literal["train", "val", "test"] = "train"
+
+
+class RayConfig(_Section):
+    address: str | None = None  # None: connect to RAY_ADDRESS or start a local cluster
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(0, ge=0)
+    worker_start_timeout_s: float = Field(300.0, gt=0)
+
+
+class DeepSpeedConfig(_Section):
+    enabled: bool = True
+    zero_stage: int = Field(0, ge=0, le=3)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    offload_optimizer: bool = False
+
+
+class EvalConfig(_Section):
+    split: Literal["train", "val", "test"] = "test"
+    images_per_prompt: int = Field(16, gt=0)
+    steps: int = Field(30, gt=0)
+    guidance_scale: float = Field(7.5, ge=0)
+    scheduler: Literal["dpmsolver++", "ddim"] = "dpmsolver++"
+    batch_size: int = Field(16, gt=0)
+    num_actors: int = Field(1, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    max_prompts: int | None = Field(None, gt=0)
+    classifier: ClassifierConfig = ClassifierConfig()
+    grid_images: int = Field(8, gt=0)
+
+
+class FairDiffConfig(_Section):
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    target: dict[str, Any] = {"gender": {"classes": ["female", "male"], "probs": [0.5, 0.5]}}
+    faces: FacesConfig = FacesConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
+    adaptor: AdaptorConfig = AdaptorConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    loss: LossConfig = LossConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+    ray: RayConfig = RayConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v: dict[str, Any]) -> dict[str, Any]:
+        TargetDistribution.from_spec(v)  # raises ValueError naming the key
+        return v
+
+    @model_validator(mode="after")
+    def _invariants(self) -> FairDiffConfig:
+        n, w = self.train.images_per_prompt, self.ray.num_workers
+        if n % w:
+            raise ValueError(
+                f"train.images_per_prompt={n} does not divide over ray.num_workers={w}: "
+                f"use a multiple of {w}"
+            )
+        return self
+
+    def target_distribution(self) -> TargetDistribution:
+        return TargetDistribution.from_spec(self.target)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading, overrides and one-line errors
+
+
+def _suggest(key: str, model: type[BaseModel] | None) -> str:
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(key, list(model.model_fields), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(model.model_fields)})"
+
+
+def _model_at(path: tuple[Any, ...], root: type[BaseModel] = FairDiffConfig) -> type[BaseModel] | None:
+    model: Any = root
+    for part in path:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        ann = model.model_fields[part].annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return model
+
+
+def _format_error(err: ValidationError, source: str, root: type[BaseModel] = FairDiffConfig) -> str:
+    e = err.errors()[0]
+    loc = tuple(p for p in e["loc"] if not isinstance(p, str) or not p.startswith("function-"))
+    key = ".".join(str(p) for p in loc) or "<root>"
+    if e["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}'{_suggest(str(loc[-1]), _model_at(loc[:-1], root))}"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] in ("value_error", "assertion_error") and not loc:
+        return f"{source}: {msg}"
+    got = e.get("input")
+    got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{source}: {key}: {msg}{got_s}"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item or item.startswith("="):
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with ``a.b=value`` overrides applied (values parsed as YAML)."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = out
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: '{p}' is a value, not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist: pass an existing YAML file (see configs/)")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text: save it as UTF-8 YAML") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}: fix the syntax") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def from_dict(data: dict[str, Any], source: str = "config") -> FairDiffConfig:
+    try:
+        return FairDiffConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FairDiffConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply ``a.b=value`` overrides."""
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides or []))
+    return from_dict(data, source=str(path) if path is not None else "config")
+
+
+def is_finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -1,0 +1,1 @@
+"""Model seams: loading Stable Diffusion, adaptors, faces, classifiers, feature nets."""
