@@ -3,6 +3,7 @@
 No Ray, no torch.distributed, no model loading here. Collectives are injected as callables.
 Public API (stable names used across the project and by external checks):
 - TargetDistribution.from_spec(spec)                         targets.py
+- stable_seed(*parts), noise_from_seeds(seeds, shape)      seeding.py
 - expected_targets(probs, target, ...), assign_targets(q)    ot.py
 - alignment_loss(logits, targets)                            losses.py
 - bias(labels, num_classes), joint_bias, frequencies         metrics.py
@@ -14,6 +15,7 @@ from fairdiff_ray.core.losses import alignment_loss
 from fairdiff_ray.core.metrics import bias, frequencies, joint_bias, joint_labels
 from fairdiff_ray.core.ot import assign_targets, expected_targets
 from fairdiff_ray.core.sampler import grad_coefficients, sample_with_grad
+from fairdiff_ray.core.seeding import noise_from_seeds, stable_seed
 from fairdiff_ray.core.targets import TargetDistribution
 
 __all__ = [
@@ -26,5 +28,7 @@ __all__ = [
     "grad_coefficients",
     "joint_bias",
     "joint_labels",
+    "noise_from_seeds",
     "sample_with_grad",
+    "stable_seed",
 ]
