@@ -245,18 +245,26 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``data`` with ``a.b=value`` overrides applied (values parsed as YAML)."""
+def apply_overrides(
+    data: dict[str, Any], overrides: list[str], defaults: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Return a copy of ``data`` with ``a.b=value`` overrides applied (values parsed as YAML).
+
+    A section missing from ``data`` is first filled from ``defaults`` (so ``target.gender.probs=...`` edits the
+    default target instead of replacing it with a half-specified one).
+    """
     import copy
 
     out = copy.deepcopy(data)
+    defaults = FairDiffConfig().to_dict() if defaults is None else defaults
     for item in overrides:
         parts, value = parse_override(item)
-        node = out
+        node, dnode = out, defaults
         for p in parts[:-1]:
+            dnode = dnode.get(p) if isinstance(dnode, dict) else None
             nxt = node.get(p)
             if nxt is None:
-                nxt = node[p] = {}
+                nxt = node[p] = copy.deepcopy(dnode) if isinstance(dnode, dict) else {}
             if not isinstance(nxt, dict):
                 raise ConfigError(f"override {item!r}: '{p}' is a value, not a section")
             node = nxt

@@ -11,12 +11,31 @@ Public API (stable names used across the project and by external checks):
 - sample_with_grad(eps_fn, x_T, scheduler, ...)              sampler.py
 """
 
-from fairdiff_ray.core.losses import alignment_loss
-from fairdiff_ray.core.metrics import bias, frequencies, joint_bias, joint_labels
-from fairdiff_ray.core.ot import assign_targets, expected_targets
-from fairdiff_ray.core.sampler import grad_coefficients, sample_with_grad
-from fairdiff_ray.core.seeding import noise_from_seeds, stable_seed
-from fairdiff_ray.core.targets import TargetDistribution
+import importlib
+from typing import Any
+
+# Lazy re-exports (PEP 562): importing one core module never drags in the others.
+_EXPORTS = {
+    "alignment_loss": "losses",
+    "bias": "metrics",
+    "frequencies": "metrics",
+    "joint_bias": "metrics",
+    "joint_labels": "metrics",
+    "assign_targets": "ot",
+    "expected_targets": "ot",
+    "grad_coefficients": "sampler",
+    "sample_with_grad": "sampler",
+    "noise_from_seeds": "seeding",
+    "stable_seed": "seeding",
+    "TargetDistribution": "targets",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"fairdiff_ray.core.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'fairdiff_ray.core' has no attribute {name!r}")
+
 
 __all__ = [
     "TargetDistribution",
