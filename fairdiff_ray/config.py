@@ -45,7 +45,8 @@ class FacesConfig(_Section):
 
 class ClassifierConfig(_Section):
     kind: Literal["synthetic", "dlib", "clip_heads"] = "synthetic"
-    path: str | None = None  # weights directory (synthetic / clip_heads)
+    path: str | None = None  # weights directory (synthetic / clip_heads); None = the shipped default
+    variant: Literal["train", "eval"] = "train"  # synthetic world: the train-time or the separate eval-time net
     backbone: str | None = None  # local CLIP vision directory for clip_heads
     age_threshold: float = 35.0  # dlib age network: years at and above which a face counts as 'old'
 
@@ -98,7 +99,7 @@ class FeaturesConfig(_Section):
     dino: str | None = None
     face_embedder: str | None = None
     face_bank: str | None = None
-    synthetic: str | None = None  # the synthetic world's stand-in feature net
+    synthetic: str | None = None  # the synthetic world's stand-in feature net ("default" = the shipped one)
 
 
 class TrainConfig(_Section):
