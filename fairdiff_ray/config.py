@@ -221,15 +221,17 @@ def _model_at(path: tuple[Any, ...], root: type[BaseModel] = FairDiffConfig) -> 
     return model
 
 
-def _format_error(err: ValidationError, source: str, root: type[BaseModel] = FairDiffConfig) -> str:
+def _format_error(
+    err: ValidationError, source: str, root: type[BaseModel] = FairDiffConfig, prefix: str = ""
+) -> str:
     e = err.errors()[0]
     loc = tuple(p for p in e["loc"] if not isinstance(p, str) or not p.startswith("function-"))
-    key = ".".join(str(p) for p in loc) or "<root>"
+    key = prefix + (".".join(str(p) for p in loc) or "<root>")
     if e["type"] == "extra_forbidden":
         return f"{source}: unknown key '{key}'{_suggest(str(loc[-1]), _model_at(loc[:-1], root))}"
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] in ("value_error", "assertion_error") and not loc:
-        return f"{source}: {msg}"
+        return f"{source}: {prefix.rstrip('.') + ': ' if prefix else ''}{msg}"
     got = e.get("input")
     got_s = "" if isinstance(got, dict) else f" (got {got!r})"
     return f"{source}: {key}: {msg}{got_s}"
