@@ -156,6 +156,8 @@ class EvalConfig(_Section):
     max_prompts: int | None = Field(None, gt=0)
     classifier: ClassifierConfig = ClassifierConfig()
     grid_images: int = Field(8, gt=0)
+    cpus_per_actor: float = Field(1.0, gt=0)  # CPUs reserved by each generation actor (and the scoring actor)
+    prompts_per_part: int = Field(4, gt=0)  # prompts per resumable parquet part (per model)
 
 
 class FairDiffConfig(_Section):
