@@ -38,6 +38,8 @@ class ModelConfig(_Section):
 class FacesConfig(_Section):
     detector: Literal["synthetic", "dlib", "insightface"] = "synthetic"
     insightface_pack: str | None = None  # directory of an InsightFace model pack (e.g. buffalo_l)
+    path: str | None = None  # synthetic-world detector weights; None = the shipped default
+    dlib_upsample: int = Field(0, ge=0, le=4)  # dlib HOG: image doublings before detection (faces < 80 px)
     det_size: int = Field(640, gt=0)
     expand: float = Field(0.5, ge=0)
     min_score: float = Field(0.5, ge=0, le=1)
