@@ -1,0 +1,157 @@
+"""The evaluation pipeline on real stand-in models: same noise across models, stable seeds across
+processes, resume after a crash, the Ray Data path equals the in-process path, the job's input errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fairdiff_ray.config import FairDiffConfig, load_config
+from fairdiff_ray.core.seeding import stable_seed
+from fairdiff_ray.errors import UserError
+from fairdiff_ray.eval.records import png_to_array
+from fairdiff_ray.eval.run import parse_adaptors, run_evaluation
+from tests._helpers_eval import standin_gen_loader, standin_score_loader, write_prompts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_cfg(tmp_path: Path, *extra: str) -> FairDiffConfig:
+    prompts = write_prompts(tmp_path / "prompts.jsonl", n=4)
+    (tmp_path / "model").mkdir(exist_ok=True)
+    return load_config(None, [f"model.path={tmp_path / 'model'}", f"data.prompt_sets=[{{path: {prompts}}}]",
+                              "eval.images_per_prompt=3", "eval.batch_size=4", "eval.prompts_per_part=2",
+                              "eval.grid_images=2", "eval.steps=2",
+                              "target={gender: {classes: [female, male], probs: [0.5, 0.5]}}", *extra])
+
+
+def adaptor_dir(tmp_path: Path) -> str:
+    d = tmp_path / "adaptor"
+    d.mkdir(exist_ok=True)
+    (d / "weights.safetensors").write_bytes(b"stand-in")
+    return str(d)
+
+
+def run(cfg: FairDiffConfig, tmp_path: Path, out: Path, executor: str = "local", **spec_extra: object) -> dict:
+    def gen_loader(spec: dict, adaptor: str | None):
+        return standin_gen_loader({**spec, **spec_extra}, adaptor)
+
+    return run_evaluation(cfg, {"debiased": adaptor_dir(tmp_path)}, out, executor=executor, report=False,
+                          gen_loader=gen_loader, score_loader=standin_score_loader, log=lambda s: None)
+
+
+def test_records_same_noise_and_seeds(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path)
+    s = run(cfg, tmp_path, tmp_path / "out")
+    rec = pd.read_parquet(tmp_path / "out" / "records.parquet")
+    assert len(rec) == 4 * 3 * 2 and set(rec["model"]) == {"base", "debiased"}
+    for _, r in rec.iterrows():
+        assert r["seed"] == stable_seed(r["prompt"], r["j"])
+    # thumbnails only for j < grid_images; the j-th images of both models share the noise (correlated)
+    assert rec["thumb"].notna().sum() == 4 * 2 * 2
+    a = rec[(rec.model == "base") & (rec.j == 0)].sort_values("prompt")
+    b = rec[(rec.model == "debiased") & (rec.j == 0)].sort_values("prompt")
+    ia, ib = (np.stack([png_to_array(t).astype(float) for t in x["thumb"]]) for x in (a, b))
+    other = np.stack([png_to_array(t).astype(float) for t in
+                      rec[(rec.model == "debiased") & (rec.j == 1)].sort_values("prompt")["thumb"]])
+    corr_same = np.corrcoef(ia[..., 2].ravel(), ib[..., 2].ravel())[0, 1]  # blue: not shifted by the adaptor
+    corr_other = np.corrcoef(ia[..., 2].ravel(), other[..., 2].ravel())[0, 1]
+    assert corr_same > 0.9 > 0.5 > corr_other
+    # similarity to the base image is 1 for base and < 1 for the adaptor
+    assert rec[rec.model == "base"]["sem_toy_sim"].to_numpy() == pytest.approx(1.0)
+    assert (rec[rec.model == "debiased"]["sem_toy_sim"] < 0.999).all()
+    assert s["prompts"] == {"split": "test", "count": 4}
+    assert set(s["models"]) == {"base", "debiased"}
+    assert set(s["models"]["base"]["semantics"]) == {"fidelity", "toy_sim"}
+
+
+def test_resume_after_crash_reuses_finished_parts(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, "eval.batch_size=3")  # one prompt per batch
+    out, log = tmp_path / "out", tmp_path / "gen.log"
+    crash_prompt = "A photo of the face of a geologist, a person"  # in the second chunk
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(cfg, tmp_path, out, log=str(log), fail_on=crash_prompt)
+    done = sorted(out.glob("parts/*/*/*.parquet"))
+    assert len(done) == 1  # base, chunk 0 finished and was written before the crash
+    assert not list(out.glob("parts/**/*.tmp"))
+    log.write_text("")
+    run(cfg, tmp_path, out, log=str(log))
+    generated = [tuple(json.loads(x)) for x in log.read_text().splitlines()]
+    assert (True, "A photo of the face of a senator, a person") not in generated  # reused
+    assert len(generated) == 3 * 3 * 2  # the other three parts, 2 prompts x 3 images each
+    fresh = tmp_path / "fresh"
+    run(cfg, tmp_path, fresh)
+    cols = ["model", "prompt", "j", "seed", "face_found", "label_gender", "label_race"]
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "records.parquet")[cols],
+                                  pd.read_parquet(fresh / "records.parquet")[cols])
+    # a changed setting makes new parts instead of reusing stale ones
+    run(make_cfg(tmp_path, "eval.batch_size=3", "eval.steps=3"), tmp_path, out)
+    assert len(list(out.glob("parts/base/*"))) == 2
+
+
+SEED_SCRIPT = """
+import json, sys
+sys.path.insert(0, {root!r})
+from fairdiff_ray.core.seeding import stable_seed, noise_from_seeds
+from tests._helpers_eval import OCCUPATIONS
+seeds = [stable_seed(f"A photo of the face of a {{o}}, a person", j) for o in OCCUPATIONS for j in range(3)]
+x = noise_from_seeds(seeds[:4], (4, 8, 8))
+print(json.dumps({{"seeds": seeds, "noise": x.flatten()[:64].tolist(), "hash": hash("x")}}))
+"""
+
+
+def test_seeds_identical_across_processes() -> None:
+    outs = []
+    for hashseed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hashseed, "OMP_NUM_THREADS": "1"}
+        p = subprocess.run([sys.executable, "-c", SEED_SCRIPT.format(root=str(ROOT))], env=env, cwd=ROOT,
+                           capture_output=True, text=True, check=True, timeout=120)
+        outs.append(json.loads(p.stdout))
+    assert outs[0]["hash"] != outs[1]["hash"]  # Python's hash() differs between these processes ...
+    assert outs[0]["seeds"] == outs[1]["seeds"]  # ... our seeds and noise do not
+    assert outs[0]["noise"] == outs[1]["noise"]
+    assert len(set(outs[0]["seeds"])) == len(outs[0]["seeds"])
+
+
+def test_adaptor_arguments_are_checked(tmp_path: Path) -> None:
+    d = adaptor_dir(tmp_path)
+    assert parse_adaptors([f"debiased={d}", f"other={d}"]) == {"debiased": d, "other": d}
+    for bad, msg in [("debiased", "NAME=DIR"), (f"base={d}", "reserved"), ("x=/nonexistent/dir", "no such adaptor")]:
+        with pytest.raises(UserError, match=msg):
+            parse_adaptors([bad])
+    with pytest.raises(UserError, match="given twice"):
+        parse_adaptors([f"a={d}", f"a={d}"])
+
+
+def test_job_script_bad_input_is_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("eval: {split: test}\n")
+    p = subprocess.run([sys.executable, "jobs/evaluate.py", "--config", str(cfg), "--adaptor", "oops"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "NAME=DIR" in p.stderr
+
+
+@pytest.mark.slow
+def test_ray_data_pipeline_equals_local(tmp_path: Path) -> None:
+    import ray
+
+    cfg = make_cfg(tmp_path, "eval.num_actors=1", "eval.cpus_per_actor=0.5")
+    local = run(cfg, tmp_path, tmp_path / "local")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        distributed = run_evaluation(cfg, {"debiased": adaptor_dir(tmp_path)}, tmp_path / "ray", executor="ray",
+                                     report=False, gen_loader=standin_gen_loader, score_loader=standin_score_loader,
+                                     log=lambda s: None)
+    finally:
+        ray.shutdown()
+    assert distributed["models"] == local["models"]
+    cols = ["model", "prompt", "j", "seed", "face_found", "label_gender", "label_race", "thumb"]
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "ray" / "records.parquet")[cols],
+                                  pd.read_parquet(tmp_path / "local" / "records.parquet")[cols])
