@@ -112,7 +112,12 @@ def grid_prompts(pp: pd.DataFrame, summary: dict[str, Any], limit: int = MAX_GRI
     return base.sort_values(col, ascending=False, na_position="last")["prompt"].head(limit).tolist()
 
 
-def _grid_html(records: pd.DataFrame, prompt: str, models: list[str], attr: str, classes: list[str]) -> str:
+def _grid_html(records: pd.DataFrame, pp: pd.DataFrame, prompt: str, models: list[str], attr: str,
+               classes: list[str]) -> str:
+    biases = []
+    for m in models:
+        b = pp.loc[(pp["model"] == m) & (pp["prompt"] == prompt), f"bias.{attr}"]
+        biases.append(f"{html.escape(m)} {_fmt(float(b.iloc[0]) if len(b) and np.isfinite(b.iloc[0]) else None)}")
     rows = []
     for i, m in enumerate(models):
         sel = records[(records["model"] == m) & (records["prompt"] == prompt) & records["thumb"].notna()]
@@ -129,7 +134,8 @@ def _grid_html(records: pd.DataFrame, prompt: str, models: list[str], attr: str,
         style = f"border-left:4px solid {charts.model_colour(i)}"
         rows.append(f'<div class="gridrow" style="{style}"><div class="rowlabel">{html.escape(m)}</div>'
                     + "".join(cells) + "</div>")
-    return f'<div class="grid"><h3>{html.escape(prompt)}</h3>{"".join(rows)}</div>'
+    head = f'{html.escape(prompt)} <span class="bias">{attr} bias: {" → ".join(biases)}</span>'
+    return f'<div class="grid"><h3>{head}</h3>{"".join(rows)}</div>'
 
 
 CSS = """
@@ -147,7 +153,7 @@ img.chart{max-width:100%;height:auto;display:block;margin:auto}
 .rowlabel{width:80px;font-size:12px;font-weight:600;color:#38414f}
 figure{margin:0;text-align:center}figure img{image-rendering:pixelated;width:96px;height:96px;border-radius:4px;display:block}
 figcaption{font-size:10.5px;color:#4a5361;margin-top:2px}.dot{display:inline-block;width:8px;height:8px;border-radius:50%;margin-right:4px}
-.note{font-size:12px;color:#5b6472}
+.note{font-size:12px;color:#5b6472}.bias{font-weight:400;color:#6b7482;margin-left:10px;font-size:12px}
 """
 
 
@@ -192,8 +198,14 @@ def render(records: pd.DataFrame, pp: pd.DataFrame, summary: dict[str, Any]) -> 
     body.append("<h2>Same noise, before and after</h2><p class='note'>Each column starts from the same noise "
                 f"(seed from the prompt and j); captions are the eval classifier's {primary} label.</p><div class='card'>")
     for p in grid_prompts(pp, summary):
-        body.append(_grid_html(records, p, models, primary, attrs[primary]))
+        body.append(_grid_html(records, pp, p, models, primary, attrs[primary]))
     body.append("</div>")
+    if len(summary.get("concepts", {})) > 1:
+        body.append("<h2>Per concept set</h2>")
+        for c, cs in summary["concepts"].items():
+            h, r = table1({**summary, "models": cs["models"]})
+            body += [f"<div class='card'><h3>{html.escape(c)} ({cs['prompts']} prompts)</h3>",
+                     _html_table(h, r, "concept"), "</div>"]
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body><main>{''.join(body)}</main></body></html>")
     md = [f"# {title}", "", _meta_line(summary).replace("<b>", "**").replace("</b>", "**"), "",
