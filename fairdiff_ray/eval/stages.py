@@ -105,8 +105,8 @@ class GenerateImages:
 def load_scorers(spec: dict[str, Any]) -> dict[str, Any]:
     """The eval-time face detector, attribute classifier, feature nets and (synthetic world) fidelity net."""
     from fairdiff_ray.config import ClassifierConfig, FacesConfig, FeaturesConfig
-    from fairdiff_ray.models.classifiers import build_classifier
-    from fairdiff_ray.models.faces import build_detector, classify_images
+    from fairdiff_ray.models.classifiers import build_classifier, classify_images
+    from fairdiff_ray.models.faces import build_detector
     from fairdiff_ray.models.features import build_features
 
     out: dict[str, Any] = {
