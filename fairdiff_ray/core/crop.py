@@ -137,7 +137,7 @@ def align_faces(images: torch.Tensor, landmarks: torch.Tensor, size: int = ARCFA
         raise ValueError(f"landmarks must be ({images.shape[0]}, 5, 2), got {tuple(landmarks.shape)}")
     h, w = images.shape[-2:]
     src = landmarks.detach().to(torch.float64)
-    wc, t = similarity_fit(src, arcface_template(size, torch.float64))
+    wc, t = similarity_fit(src, arcface_template(size, torch.float64).to(src.device))
     # (2) inverse of z -> w z + t is z' -> (z' - t) / w, i.e. multiply by 1/w = conj(w) / |w|^2.
     abs2 = (wc**2).sum(dim=-1).clamp(min=1e-12)
     inv_re, inv_im = wc[:, 0] / abs2, -wc[:, 1] / abs2
@@ -147,9 +147,13 @@ def align_faces(images: torch.Tensor, landmarks: torch.Tensor, size: int = ARCFA
     # (3) theta = N_src o M_inv o D_out, with D_out: normalised v -> output index q = ((v + 1) S - 1) / 2 and
     # N_src: source index p -> u = (2 p + 1) / W - 1.
     d_out = torch.tensor(
-        [[size / 2, 0, (size - 1) / 2], [0, size / 2, (size - 1) / 2], [0, 0, 1]], dtype=src.dtype
+        [[size / 2, 0, (size - 1) / 2], [0, size / 2, (size - 1) / 2], [0, 0, 1]],
+        dtype=src.dtype,
+        device=src.device,
     )
-    n_src = torch.tensor([[2 / w, 0, 1 / w - 1], [0, 2 / h, 1 / h - 1], [0, 0, 1]], dtype=src.dtype)
-    bottom = torch.tensor([[[0.0, 0.0, 1.0]]], dtype=src.dtype).expand(src.shape[0], 1, 3)
+    n_src = torch.tensor(
+        [[2 / w, 0, 1 / w - 1], [0, 2 / h, 1 / h - 1], [0, 0, 1]], dtype=src.dtype, device=src.device
+    )
+    bottom = torch.tensor([[[0.0, 0.0, 1.0]]], dtype=src.dtype, device=src.device).expand(src.shape[0], 1, 3)
     theta = (n_src @ torch.cat([m_inv, bottom], dim=1) @ d_out)[:, :2]
     return _warp(images, theta, size, _supersample_factor(abs2.rsqrt()))
