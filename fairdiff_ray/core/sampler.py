@@ -196,7 +196,7 @@ def _first_grad_step(estimator: str, truncate_k: int | None, n: int, generator: 
         raise ValueError(f"estimator {estimator!r} needs truncate_k >= 1, got {truncate_k!r}")
     k = int(truncate_k)
     if estimator == "random_truncation":
-        # AlignProp: K ~ Uniform{1, ..., truncate_k}, drawn on the CPU so the generator's device does not matter.
+        # AlignProp: K ~ Uniform{1, ..., truncate_k}, drawn from the caller's generator (on its device).
         gen_device = generator.device if generator is not None else "cpu"
         k = int(torch.randint(1, k + 1, (1,), generator=generator, device=gen_device).item())
     return max(n - k, 0)
@@ -235,6 +235,10 @@ def sample_with_grad(
     return_trajectory: bool = False,
 ) -> Tensor | tuple[Tensor, list[Tensor]]:
     """Run the scheduler's sampler from x_T and return x_0 (B, C, h, w), differentiable per ``estimator``.
+
+    eps_fn(x, t): x (B', C, h, w), t the scheduler timestep as a 0-d int64 tensor on x's device; returns the
+      model output of x's shape. guidance_scale > 1 -> B' = 2B, x = cat([x, x]) and the output must be
+      cat([m_uncond, m_cond]); m = m_uncond + guidance_scale * (m_cond - m_uncond) (diffusers' convention).
 
     x_T: (B, C, h, w) initial noise (scaled by ``scheduler.init_noise_sigma`` here, as the pipeline does).
     scheduler: a diffusers DDIMScheduler (eta = 0) or DPMSolverMultistepScheduler ('dpmsolver++', order <= 2);
