@@ -64,7 +64,7 @@ def load_generator(spec: dict[str, Any], adaptor_dir: str | None) -> Generator:
             scheduler = make_scheduler(spec["scheduler"], comp.scheduler_config)
             x_T = noise_from_seeds(seeds, latent_shape, dtype=dtype, device=device)
             x_0 = sample_with_grad(
-                unet_eps_fn(comp.unet, cond, uncond), x_T, scheduler,
+                unet_eps_fn(comp.unet, cond, uncond), x_T, scheduler, checkpoint=False,
                 guidance_scale=spec["guidance_scale"], num_inference_steps=spec["steps"],
             )
             return decode_latents(comp.vae, x_0).float().cpu()
