@@ -20,27 +20,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fairdiff_ray.core.metrics import bias, bias_over_prompts, frequencies, joint_bias
 from fairdiff_ray.core.targets import TargetDistribution
 from fairdiff_ray.eval.records import joint_name, label_col
 
 BASE = "base"
-
-
-# Interim copies until core/metrics.py lands (then these three names come from there).
-def frequencies(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    return torch.bincount(labels, minlength=num_classes).double() / max(len(labels), 1)
-
-
-def bias(labels: torch.Tensor, num_classes: int) -> float:
-    f = frequencies(labels, num_classes)
-    return float((f[:, None] - f[None, :]).abs().triu(1).sum() / (num_classes * (num_classes - 1) / 2))
-
-
-def joint_labels(labels: list[torch.Tensor], num_classes: list[int]) -> torch.Tensor:
-    out = torch.zeros_like(labels[0])
-    for lab, k in zip(labels, num_classes):
-        out = out * k + lab
-    return out
 
 
 def joint_attribute_sets(attributes: dict[str, list[str]], target: TargetDistribution | None) -> list[list[str]]:
@@ -57,19 +41,17 @@ def joint_attribute_sets(attributes: dict[str, list[str]], target: TargetDistrib
 def _prompt_row(g: pd.DataFrame, attributes: dict[str, list[str]], joints: list[list[str]]) -> dict[str, Any]:
     found = g["face_found"].to_numpy(dtype=bool)
     row: dict[str, Any] = {"images": len(g), "faces": int(found.sum()), "face_rate": float(found.mean())}
-    labels = {a: torch.as_tensor(g[label_col(a)].to_numpy()[found], dtype=torch.long) for a in attributes}
+    # label -1 = no face: core.metrics leaves those images out (NaN when a prompt has no face at all)
+    labels = {a: torch.as_tensor(np.where(found, g[label_col(a)].to_numpy(), -1), dtype=torch.long)
+              for a in attributes}
     for a, classes in attributes.items():
-        freq = frequencies(labels[a], len(classes)) if found.any() else torch.full((len(classes),), math.nan)
+        freq = frequencies(labels[a], len(classes))
         for k, c in enumerate(classes):
             row[f"freq.{a}.{c}"] = float(freq[k])
-        row[f"bias.{a}"] = float(bias(labels[a], len(classes))) if found.any() else math.nan
+        row[f"bias.{a}"] = bias(labels[a], len(classes))
     for names in joints:
-        ks = [len(attributes[a]) for a in names]
-        if found.any():
-            jl = joint_labels([labels[a] for a in names], ks)
-            row[f"bias.{joint_name(names)}"] = float(bias(jl, math.prod(ks)))
-        else:
-            row[f"bias.{joint_name(names)}"] = math.nan
+        row[f"bias.{joint_name(names)}"] = joint_bias({a: labels[a] for a in names},
+                                                      {a: len(attributes[a]) for a in names})
     for col in g.columns:
         if col.startswith("sem_"):
             vals = g[col].to_numpy(dtype=np.float64)
@@ -95,10 +77,7 @@ def _nan_to_none(x: float) -> float | None:
 def _model_summary(pp: pd.DataFrame, attributes: dict[str, list[str]], joints: list[list[str]]) -> dict[str, Any]:
     out: dict[str, Any] = {"bias": {}, "freq": {}, "face_rate": _nan_to_none(float(pp["face_rate"].mean()))}
     for name in [*attributes, *(joint_name(j) for j in joints)]:
-        vals = pp[f"bias.{name}"].to_numpy(dtype=np.float64)
-        vals = vals[np.isfinite(vals)]
-        mean = float(vals.mean()) if vals.size else math.nan
-        std = float(vals.std()) if vals.size else math.nan
+        mean, std = bias_over_prompts(pp[f"bias.{name}"].tolist())
         out["bias"][name] = {"mean": _nan_to_none(mean), "std": _nan_to_none(std)}
     for a, classes in attributes.items():
         out["freq"][a] = {c: _nan_to_none(float(pp[f"freq.{a}.{c}"].mean())) for c in classes}
