@@ -49,6 +49,7 @@ def alignment_loss(
             raise ValueError(
                 f"alignment_loss: logits[{a!r}] {tuple(z.shape)} and targets {tuple(y.shape)} need (n, K), (n,)"
             )
+        y = y.to(z.device)
         has = y != -1
         if has.any() and (y[has].min() < 0 or y[has].max() >= z.shape[1]):
             raise ValueError(f"alignment_loss: targets[{a!r}] out of range [0, {z.shape[1]}) or -1")
@@ -81,6 +82,8 @@ def mismatch_weights(
     target is a mismatch, since the image is asked to become something the original is not);
     factors: attribute -> weight for a mismatch (config loss.mismatch_weight).
     w_i = min(1, min over mismatched attributes of factors[a]).
+    With ``loss.face_region_scale`` as factors the same rule gives the per-image ``scale`` for
+    ``scale_grad_in_boxes`` (the face region is damped only where the attributes are asked to change).
     """
     if not targets:
         raise ValueError("mismatch_weights needs at least one attribute")
