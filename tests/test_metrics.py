@@ -98,3 +98,23 @@ def test_freq_vs_target():
     assert out["diff"] == pytest.approx([0.0, 0.0])
     out = freq_vs_target(torch.tensor([1, 1]), [0.75, 0.25])
     assert out["diff"] == pytest.approx([-0.75, 0.75])
+
+
+def test_target_distance_joint_and_objective():
+    from fairdiff_ray.core.metrics import target_distance, validation_objective
+    from fairdiff_ray.core.targets import TargetDistribution
+
+    t = TargetDistribution.from_spec({"gender": {"classes": ["f", "m"], "probs": [0.5, 0.5]},
+                                      "age": {"classes": ["y", "o"], "probs": [0.75, 0.25]}})
+    # joint target (f,y) .375 (f,o) .125 (m,y) .375 (m,o) .125; observed: all (f, y), one unlabeled
+    labels = {"gender": torch.tensor([0, 0, 0, -1]), "age": torch.tensor([0, 0, 0, 1])}
+    assert target_distance(labels, t) == pytest.approx(0.625)
+    # exactly on target -> 0
+    g = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    a = torch.tensor([0, 0, 0, 1, 0, 0, 0, 1])
+    assert target_distance({"gender": g, "age": a, "race": g}, t) == pytest.approx(0.0)
+    assert validation_objective(0.2, 0.1, drift_weight=2.0) == pytest.approx(0.4)
+    with pytest.raises(ValueError):
+        target_distance({"gender": g}, t)
+    with pytest.raises(ValueError):
+        validation_objective(0.1, 0.1, drift_weight=-1)

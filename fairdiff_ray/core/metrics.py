@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
+from fairdiff_ray.core.targets import TargetDistribution
+
 
 def _valid_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     if num_classes < 2:
@@ -98,3 +100,31 @@ def freq_vs_target(
     target = torch.as_tensor(target_probs, dtype=torch.float64).reshape(-1)
     freq = frequencies(labels, target.numel())
     return {"freq": freq.tolist(), "target": target.tolist(), "diff": (freq - target).tolist()}
+
+
+def target_distance(labels: dict[str, torch.Tensor], target: TargetDistribution) -> float:
+    """Total-variation distance between the observed joint class shares and the target's joint table.
+
+    labels: attribute -> (M,) long (-1 ignored) for every attribute of ``target`` (extra ones are ignored).
+    0 means the images follow the target exactly; 1 is the largest possible. NaN when no image has all labels.
+    Over several attributes it compares the joint table, so a gender-only-fair but race-skewed set is not 0.
+    """
+    names = target.names
+    missing = [a for a in names if a not in labels]
+    if missing:
+        raise ValueError(f"target_distance: no labels for target attribute(s) {missing}")
+    joint = joint_labels({a: labels[a] for a in names}, target.num_classes)
+    freq = frequencies(joint, target.num_joint)
+    return float(0.5 * (freq - target.joint_probs.double().reshape(-1)).abs().sum())
+
+
+def validation_objective(distance: float, drift: float, drift_weight: float = 1.0) -> float:
+    """The sweep's objective (lower is better): distance to the target plus ``drift_weight`` x semantic drift.
+
+    distance: target_distance on held-out prompts, in [0, 1]; drift: mean cosine distance between debiased
+    and original images' features from the same noise, in [0, 2]. A model that ignores the target scores
+    high through ``distance``; one that reaches it by destroying the image scores high through ``drift``.
+    """
+    if not drift_weight >= 0:
+        raise ValueError(f"drift_weight must be >= 0, got {drift_weight}")
+    return float(distance + drift_weight * drift)

@@ -83,7 +83,6 @@ class GenerateImages:
         self.spec = spec
         self.loader = loader or load_generator
         self.current: tuple[str, Generator] | None = None
-        torch.set_grad_enabled(False)
 
     def _model(self, name: str) -> Generator:
         if self.current is None or self.current[0] != name:
@@ -91,6 +90,7 @@ class GenerateImages:
             self.current = (name, self.loader(self.spec, self.spec["models"][name]))
         return self.current[1]
 
+    @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         models = batch["model"]
         images: list[np.ndarray | None] = [None] * len(models)
@@ -139,8 +139,8 @@ class ScoreImages:
         self.fidelity = s["fidelity"]
         self.attributes = {a: list(c) for a, c in self.classifier.attributes.items()}
         self.attributes_json = json.dumps(self.attributes)
-        torch.set_grad_enabled(False)
 
+    @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = torch.from_numpy(from_uint8(batch["image"]))
         n = images.shape[0]
