@@ -33,7 +33,7 @@ test: install sysdeps lint
 	$(BIN)/python -m pytest -q --timeout=900 --durations=15 tests
 
 demo: install
-	$(BIN)/python jobs/debias.py --config configs/synthetic_gender.yaml --demo
+	$(BIN)/python jobs/demo.py
 
 bench: install
 	$(BIN)/python bench/run_all.py
