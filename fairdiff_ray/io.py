@@ -14,6 +14,9 @@ from pathlib import Path
 
 from fairdiff_ray.errors import UserError
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
@@ -24,6 +27,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared like normal files
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
