@@ -22,21 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-BEGIN, END = "<!-- bench:eval -->", "<!-- /bench:eval -->"
-
-
-def write_section(path: Path, body: str) -> None:
-    """Replace this bench's marked section of BENCHMARKS.md (or append it), leaving the rest untouched."""
-    from fairdiff_ray.io import atomic_write_text
-
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{body.strip()}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    atomic_write_text(path, text)
+from bench.common import write_section  # noqa: E402
 
 
 def plain_diffusers(model: str, prompts: list[str], m: int, steps: int, batch: int) -> float:
@@ -135,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     text = "\n".join(lines)
     print(text)
-    write_section(Path(args.out), text)
+    write_section(Path(args.out), "eval", text)
     print(json.dumps({name: round(ips, 3) for name, ips, _ in rows}))
     return 0
 

@@ -20,22 +20,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-BEGIN, END = "<!-- bench:ot -->", "<!-- /bench:ot -->"
+from bench.common import write_section  # noqa: E402
+
 RACE = ["white", "black", "indian", "asian"]
 
-
-def write_section(path: Path, body: str) -> None:
-    """Replace this bench's marked section of BENCHMARKS.md (or append it), leaving the rest untouched."""
-    from fairdiff_ray.io import atomic_write_text
-
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{body.strip()}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    atomic_write_text(path, text)
 
 
 def targets() -> dict:
@@ -100,7 +88,7 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, 1 thread, {args.draws} Monte-Carlo draws; "
         "reference = exact (coverage 0.9999) for one attribute, 20000 draws otherwise.\n\n" + "\n".join(rows)
     )
-    write_section(Path(args.out), body)
+    write_section(Path(args.out), "ot", body)
     print(f"wrote {args.out}")
 
 
