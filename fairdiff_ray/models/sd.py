@@ -1,0 +1,230 @@
+"""Stable Diffusion 1.x / 2.x components from a local diffusers directory, and the small functions that
+connect them to the project's own sampler (core.sampler.sample_with_grad).
+
+Nothing here downloads: every ``from_pretrained`` is ``local_files_only=True`` and the path must be a local
+directory laid out as ``StableDiffusionPipeline.save_pretrained`` writes it (model_index.json, tokenizer/,
+text_encoder/, unet/, vae/, scheduler/). All weights come back frozen (``requires_grad=False``) and in eval
+mode; adaptors (models/adaptors.py) add the trainable parts.
+
+Shapes: prompt embeddings (B, L, D) with L = tokenizer.model_max_length (77 for SD); latents (B, 4, h, w);
+images (B, 3, H, W) in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from fairdiff_ray.errors import ModelFileError
+
+HF_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+# Weight files a component folder may hold (plain, sharded-index or variant forms of either format).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+
+
+@dataclass
+class Components:
+    """The parts of one SD model. ``scheduler_config`` is a plain dict (make_scheduler builds fresh ones)."""
+
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    scheduler_config: dict
+    path: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        cfg = self.unet.config
+        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+
+
+def _download_hint(path: str) -> str:
+    return (f"download the model on a machine with internet: `huggingface-cli download {HF_REPO} "
+            f"--local-dir {path}` and copy the directory here")
+
+
+def _missing(path: str, what: str) -> ModelFileError:
+    return ModelFileError(f"model directory {path!r} is incomplete: {what} is missing; {_download_hint(path)}")
+
+
+def _has_weights(folder: Path) -> bool:
+    return folder.is_dir() and any(f.name.endswith(_WEIGHT_SUFFIXES) for f in folder.iterdir())
+
+
+def check_model_dir(path: str) -> None:
+    """Raise ModelFileError (one line: the missing file and the download command) unless ``path`` is a
+    complete local diffusers SD directory."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ModelFileError(f"model directory {path!r} does not exist (or is not a directory); {_download_hint(path)}")
+    if not (root / "model_index.json").is_file():
+        raise _missing(path, "model_index.json")
+    try:
+        json.loads((root / "model_index.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelFileError(f"{root / 'model_index.json'} is not valid JSON ({e}); {_download_hint(path)}") from None
+    tok = root / "tokenizer"
+    if not ((tok / "tokenizer.json").is_file() or ((tok / "vocab.json").is_file() and (tok / "merges.txt").is_file())):
+        raise _missing(path, "tokenizer/vocab.json + tokenizer/merges.txt (or tokenizer/tokenizer.json)")
+    if not (root / "scheduler" / "scheduler_config.json").is_file():
+        raise _missing(path, "scheduler/scheduler_config.json")
+    for sub in ("text_encoder", "unet", "vae"):
+        if not (root / sub / "config.json").is_file():
+            raise _missing(path, f"{sub}/config.json")
+        if not _has_weights(root / sub):
+            raise _missing(path, f"{sub}/ weights (*.safetensors or *.bin)")
+
+
+def _variant(folder: Path, stem: str) -> str | None:
+    """None when the plain weight file is there, else a variant (e.g. 'fp16') that is."""
+    names = [f.name for f in folder.iterdir()]
+    if any(n.startswith(stem + ".") and n.count(".") == 1 for n in names) or any(n == stem + ".safetensors.index.json"
+                                                                                  for n in names):
+        return None
+    for n in names:  # stem.<variant>.safetensors
+        parts = n.split(".")
+        if n.startswith(stem + ".") and len(parts) == 3 and parts[2] in ("safetensors", "bin"):
+            return parts[1]
+    return None
+
+
+def freeze(*modules: torch.nn.Module) -> None:
+    for m in modules:
+        m.requires_grad_(False)
+        m.eval()
+
+
+def load_components(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Components:
+    """Tokenizer, text encoder, UNet, VAE and scheduler config from a local diffusers SD directory.
+
+    Frozen, eval mode, on ``device`` in ``dtype``. Never downloads (local_files_only=True).
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    check_model_dir(path)
+    root = Path(path)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(
+            path, subfolder="text_encoder", dtype=dtype, local_files_only=True,
+            variant=_variant(root / "text_encoder", "model"),
+        )
+        unet = UNet2DConditionModel.from_pretrained(
+            path, subfolder="unet", torch_dtype=dtype, local_files_only=True,
+            variant=_variant(root / "unet", "diffusion_pytorch_model"),
+        )
+        vae = AutoencoderKL.from_pretrained(
+            path, subfolder="vae", torch_dtype=dtype, local_files_only=True,
+            variant=_variant(root / "vae", "diffusion_pytorch_model"),
+        )
+        scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFileError(f"could not load the model in {path!r}: {first}; {_download_hint(path)}") from None
+    for m in (text_encoder, unet, vae):
+        m.to(device)
+    freeze(text_encoder, unet, vae)
+    return Components(tokenizer, text_encoder, unet, vae, scheduler_config, str(path))
+
+
+def components_from_dict(d: dict) -> Components:
+    """Wrap ``models.tiny.tiny_components(...)`` (or any StableDiffusionPipeline kwargs dict); frozen."""
+    freeze(d["text_encoder"], d["unet"], d["vae"])
+    return Components(d["tokenizer"], d["text_encoder"], d["unet"], d["vae"], dict(d["scheduler"].config), None)
+
+
+def save_tiny_model(path: str | Path, seed: int = 0, words: list[str] | tuple[str, ...] = ()) -> Path:
+    """Write the tiny SD model (models/tiny.py) as a stock diffusers directory (tests, demos)."""
+    from diffusers import StableDiffusionPipeline
+
+    from fairdiff_ray.models.tiny import tiny_components
+
+    pipe = StableDiffusionPipeline(**tiny_components(seed=seed, words=words), requires_safety_checker=False)
+    pipe.save_pretrained(str(path))
+    return Path(path)
+
+
+def tokenize(tokenizer: Any, prompts: list[str], max_length: int | None = None) -> Tensor:
+    """(B, max_length) input ids padded / truncated exactly as StableDiffusionPipeline.encode_prompt does."""
+    return tokenizer(
+        list(prompts), padding="max_length", max_length=max_length or tokenizer.model_max_length,
+        truncation=True, return_tensors="pt",
+    ).input_ids
+
+
+def _attention_mask(text_encoder: torch.nn.Module, ids: Tensor) -> Tensor | None:
+    # The pipeline passes a mask only for text encoders configured to want one (not CLIP in SD 1.x / 2.x).
+    if getattr(text_encoder.config, "use_attention_mask", False):
+        return torch.ones_like(ids)
+    return None
+
+
+def encode_ids(text_encoder: torch.nn.Module, ids: Tensor) -> Tensor:
+    """Last hidden state (B, L, D) for input ids (B, L)."""
+    device = next(text_encoder.parameters()).device
+    ids = ids.to(device)
+    mask = _attention_mask(text_encoder, ids)
+    return text_encoder(ids, attention_mask=mask)[0]
+
+
+def encode_prompts(tokenizer: Any, text_encoder: torch.nn.Module, prompts: list[str]) -> Tensor:
+    """Prompt embeddings (B, L, D): the text encoder's last hidden state over max_length-padded ids."""
+    return encode_ids(text_encoder, tokenize(tokenizer, prompts))
+
+
+def make_scheduler(name: Literal["ddim", "dpmsolver++"], scheduler_config: dict) -> Any:
+    """A fresh scheduler of the model's noise schedule: DDIM (eta 0) or DPM-Solver++ (2M)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    if name == "ddim":
+        return DDIMScheduler.from_config(scheduler_config)
+    if name == "dpmsolver++":
+        return DPMSolverMultistepScheduler.from_config(scheduler_config, algorithm_type="dpmsolver++", solver_order=2)
+    raise ValueError(f"scheduler must be 'ddim' or 'dpmsolver++', got {name!r}")
+
+
+def unet_eps_fn(unet: torch.nn.Module, cond: Tensor, uncond: Tensor | None) -> Callable[[Tensor, Tensor], Tensor]:
+    """eps_fn(x, t) for core.sampler: the UNet on cond (B, L, D), with rows cat([uncond, cond]) for a doubled
+    (classifier-free guidance) batch of 2B latents. ``uncond`` None -> guidance must be off (B rows)."""
+    b = cond.shape[0]
+    both = torch.cat([uncond, cond]) if uncond is not None else None
+    if uncond is not None and uncond.shape != cond.shape:
+        raise ValueError(f"uncond shape {tuple(uncond.shape)} differs from cond shape {tuple(cond.shape)}")
+
+    def eps_fn(x: Tensor, t: Tensor) -> Tensor:
+        if x.shape[0] == b:
+            emb = cond
+        elif both is not None and x.shape[0] == 2 * b:
+            emb = both
+        else:
+            raise ValueError(f"eps_fn got {x.shape[0]} latents for {b} prompts (expected {b}, or {2 * b} with uncond)")
+        return unet(x, t, encoder_hidden_states=emb).sample
+
+    return eps_fn
+
+
+def decode_latents(vae: torch.nn.Module, latents: Tensor) -> Tensor:
+    """Images (B, 3, H, W) in [-1, 1] from latents (B, 4, h, w); differentiable (clamped like the pipeline)."""
+    cfg = vae.config
+    z = latents / cfg.scaling_factor
+    shift = getattr(cfg, "shift_factor", None)
+    if shift is not None:
+        z = z + shift
+    image = vae.decode(z.to(next(vae.parameters()).dtype)).sample
+    return image.clamp(-1.0, 1.0)
