@@ -1,0 +1,195 @@
+"""training/loss.py on real photos with dlib's detector and classifier and tiny CLIP / DINOv2 / IResNet nets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _helpers_faces import astronaut
+from _helpers_features import tiny_clip_dir, tiny_dino_dir, tiny_embedder_dir
+
+from fairdiff_ray.config import FairDiffConfig, FeaturesConfig
+from fairdiff_ray.core.losses import alignment_loss, box_mask
+from fairdiff_ray.errors import ConfigError
+from fairdiff_ray.models.classifiers import DlibAttributeClassifier
+from fairdiff_ray.models.faces import DlibDetector, from_uint8
+from fairdiff_ray.models.features import build_face_embedder, build_features
+from fairdiff_ray.training.loss import FairnessLoss, build_loss
+
+FAR = (slice(None), 470, 470)  # a background pixel, far from the astronaut's face (box ~ x 170-280, y 60-170)
+
+
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("nets")
+    dirs = {"clip": str(tiny_clip_dir(root)), "dino": str(tiny_dino_dir(root)),
+            "face_embedder": str(tiny_embedder_dir(root))}
+    return {
+        "dirs": dirs,
+        "detector": DlibDetector(),
+        "classifier": DlibAttributeClassifier().requires_grad_(False),
+        "features": build_features(FeaturesConfig(clip=dirs["clip"], dino=dirs["dino"])),
+        "embedder": build_face_embedder(FeaturesConfig(face_embedder=dirs["face_embedder"])),
+    }
+
+
+@pytest.fixture(scope="module")
+def photos() -> tuple[torch.Tensor, torch.Tensor]:
+    """(ref, gen): the astronaut and a slightly recoloured copy (both (1, 3, 512, 512), same face)."""
+    ref = from_uint8(astronaut())
+    gen = (ref * 0.9 + 0.05 * torch.sin(torch.arange(512.0) / 7)).clamp(-1, 1)
+    return ref, gen
+
+
+def _cfg(**loss) -> FairDiffConfig:
+    return FairDiffConfig(loss=loss)
+
+
+def _make(nets, cfg, features=True, embedder=False, bank=None) -> FairnessLoss:
+    return FairnessLoss(cfg, nets["detector"], nets["classifier"], nets["features"] if features else {},
+                        face_embedder=nets["embedder"] if embedder else None, face_bank=bank)
+
+
+def _grad(loss_fn, gen, ref, targets, normalizer=1, detach_logits=False):
+    images = gen.clone().requires_grad_()
+    scored = loss_fn.score(images.detach() if detach_logits else images)
+    value, metrics = loss_fn(images, scored, loss_fn.reference(ref), targets, normalizer)
+    value.backward()
+    return value.detach(), metrics, images.grad[0], scored
+
+
+def test_alignment_only_is_the_core_ce_and_stays_in_the_face_crop(nets, photos) -> None:
+    ref, gen = photos
+    fn = _make(nets, _cfg(), features=False)
+    targets = {"gender": torch.tensor([1])}  # the astronaut is classified female: ask for male
+    value, m, g, scored = _grad(fn, gen, ref, targets, normalizer=3)
+    want, _ = alignment_loss({"gender": scored.logits["gender"].detach()}, targets, 3)
+    torch.testing.assert_close(value, want)
+    assert (m["active_align"], m["active_img"], m["active_face"]) == (1.0, 0.0, 0.0)
+    assert m["confident_gender"] == 1.0 and m["face_found"] == 1.0
+    assert g[FAR].abs().sum() == 0 and g.abs().sum() > 0
+
+
+def test_no_targets_keeps_the_loss_connected_with_zero_gradient(nets, photos) -> None:
+    ref, gen = photos
+    fn = _make(nets, _cfg(), features=False)
+    value, m, g, _ = _grad(fn, gen, ref, {"gender": torch.tensor([-1])})
+    assert float(value) == 0.0 and g.abs().sum() == 0 and m["confident_gender"] == 0.0
+
+
+def test_image_term_reaches_the_background(nets, photos) -> None:
+    ref, gen = photos
+    fn = _make(nets, _cfg())
+    value, m, g, _ = _grad(fn, gen, ref, {"gender": torch.tensor([-1])})
+    assert m["active_img"] == 1.0 and m["loss_img"] > 0 and m["img_weight"] == 1.0
+    torch.testing.assert_close(value, torch.tensor(8.0 * m["loss_img"]))  # lambda_img = 8, no CE
+    assert g[FAR].abs().sum() > 0
+    # lambda_img = 0 switches it off
+    _, m0, g0, _ = _grad(_make(nets, _cfg(lambda_img=0.0)), gen, ref, {"gender": torch.tensor([-1])})
+    assert m0["active_img"] == 0.0 and g0.abs().sum() == 0
+
+
+def test_mismatch_weight_scales_the_image_term(nets, photos) -> None:
+    ref, gen = photos
+    kw = dict(detach_logits=True)
+    _, m1, g1, _ = _grad(_make(nets, _cfg(mismatch_weight={"gender": 1.0})), gen, ref, {"gender": torch.tensor([1])}, **kw)
+    _, m2, g2, _ = _grad(_make(nets, _cfg(mismatch_weight={"gender": 0.2})), gen, ref, {"gender": torch.tensor([1])}, **kw)
+    assert m2["img_weight"] == pytest.approx(0.2) and m2["loss_img"] == pytest.approx(0.2 * m1["loss_img"], rel=1e-5)
+    torch.testing.assert_close(g2, 0.2 * g1, atol=1e-9, rtol=1e-4)
+
+
+def test_face_region_damping_scales_pixel_gradients_inside_the_box(nets, photos) -> None:
+    ref, gen = photos
+    male = {"gender": torch.tensor([1])}  # mismatch with the reference (female): damping applies
+    base = dict(mismatch_weight={"gender": 1.0}, face_region_scale={"gender": 1.0})
+    damp = dict(mismatch_weight={"gender": 1.0}, face_region_scale={"gender": 0.25})
+    _, _, g1, scored = _grad(_make(nets, _cfg(**base)), gen, ref, male, detach_logits=True)
+    _, _, g2, _ = _grad(_make(nets, _cfg(**damp)), gen, ref, male, detach_logits=True)
+    fn = _make(nets, _cfg(**damp))
+    region = fn.face_regions(scored.faces, fn.reference(ref)["faces"], 512, 512)
+    inside = box_mask(region, 512, 512)[0, 0].expand(3, -1, -1)
+    assert 5000 < inside[0].sum() < 100_000  # a face-sized region
+    torch.testing.assert_close(g2[inside], 0.25 * g1[inside], atol=1e-9, rtol=1e-4)
+    torch.testing.assert_close(g2[~inside], g1[~inside], atol=1e-9, rtol=1e-4)
+    assert g1[inside].abs().sum() > 0
+    # target equal to the original prediction: no damping
+    _, _, g3, _ = _grad(fn, gen, ref, {"gender": torch.tensor([0])}, detach_logits=True)
+    torch.testing.assert_close(g3, g1, atol=1e-9, rtol=1e-4)
+
+
+def test_face_term_targets_the_reference_or_the_bank(nets, photos) -> None:
+    ref, gen = photos
+    cfg = _cfg(lambda_face=1.0, face_confidence=0.5)
+    fn = _make(nets, cfg, features=False, embedder=True)
+    # unchanged + confident original: target = the original face's embedding -> zero for the same image
+    value, m, _, _ = _grad(fn, ref, ref, {"gender": torch.tensor([0])}, detach_logits=True)
+    assert m["active_face"] == 1.0 and m["face_ref"] == 1.0 and m["face_bank"] == 0.0
+    assert m["loss_face"] == pytest.approx(0.0, abs=1e-5)
+    # asked to change, no bank: no face target at all
+    value, m, g, _ = _grad(fn, gen, ref, {"gender": torch.tensor([1])}, detach_logits=True)
+    assert m["face_ref"] == 0.0 and m["face_bank"] == 0.0 and g.abs().sum() == 0
+    # asked to change, with a bank: the nearest bank face
+    bank = torch.nn.functional.normalize(torch.randn(4, 32, generator=torch.Generator().manual_seed(0)), dim=-1)
+    fb = _make(nets, cfg, features=False, embedder=True, bank=bank)
+    value, m, g, scored = _grad(fb, gen, ref, {"gender": torch.tensor([1])}, detach_logits=True)
+    with torch.no_grad():
+        e = fb._embed(gen, scored.faces)
+    assert m["face_bank"] == 1.0
+    assert m["loss_face"] == pytest.approx(float(1 - (e @ bank.T).max()), abs=1e-5)
+    assert float(value) == pytest.approx(m["loss_align"] + m["loss_face"], rel=1e-5)
+    assert g.abs().sum() > 0 and g[FAR].abs().sum() == 0  # only the aligned face region
+
+
+def test_normalizer_semantics_workers_sum_to_the_global_mean(nets, photos) -> None:
+    ref, gen = photos
+    refs, gens = torch.cat([ref, ref.flip(-1)]), torch.cat([gen, gen.flip(-1)])
+    targets = {"gender": torch.tensor([1, 0])}
+    fn = _make(nets, _cfg(), embedder=True, bank=torch.eye(32)[:3])
+
+    def run(g, r, t, n):
+        v, _ = fn(g, fn.score(g), fn.reference(r), t, n)
+        return float(v)
+
+    whole = run(gens, refs, targets, 2)
+    halves = sum(run(gens[i : i + 1], refs[i : i + 1], {"gender": targets["gender"][i : i + 1]}, 2) for i in range(2))
+    assert whole == pytest.approx(halves, rel=1e-4)
+    assert run(gens, refs, targets, 4) == pytest.approx(whole / 2, rel=1e-5)
+    with pytest.raises(ValueError, match="normalizer"):
+        run(gens, refs, targets, 0)
+
+
+def test_images_without_a_face_get_no_targets(nets, photos) -> None:
+    ref, gen = photos
+    blank = torch.zeros_like(gen)
+    fn = _make(nets, _cfg(), features=False)
+    value, m, g, _ = _grad(fn, blank, ref, {"gender": torch.tensor([1])})
+    assert m["face_found"] == 0.0 and m["confident_gender"] == 0.0 and float(value) == 0.0
+
+
+def test_build_loss_from_config(nets, tmp_path) -> None:
+    d = nets["dirs"]
+    cfg = FairDiffConfig(faces={"detector": "dlib"}, classifier={"kind": "dlib"},
+                         features={"clip": d["clip"], "face_embedder": d["face_embedder"]})
+    fn = build_loss(cfg)
+    assert fn.attributes == ["gender"] and list(fn.features) == ["clip"]
+    assert fn.use_img and fn.use_face and fn.face_bank is None
+    bad = FairDiffConfig(classifier={"kind": "dlib"}, faces={"detector": "dlib"},
+                         target={"gender": {"classes": ["male", "female"], "probs": [0.5, 0.5]}})
+    with pytest.raises(ConfigError, match="target.gender"):
+        build_loss(bad)
+    no_factor = FairDiffConfig(classifier={"kind": "dlib"}, faces={"detector": "dlib"},
+                               loss={"mismatch_weight": {"race": 0.6}})
+    with pytest.raises(ConfigError, match="loss.mismatch_weight.gender"):
+        build_loss(no_factor)
+
+
+
+def test_activation_checkpointing_gives_the_same_gradients(nets, photos) -> None:
+    ref, gen = photos
+    t = {"gender": torch.tensor([1])}
+    plain = _make(nets, _cfg(), embedder=True, bank=torch.eye(32)[:3])
+    ckpt = _make(nets, _cfg(), embedder=True, bank=torch.eye(32)[:3])
+    ckpt.checkpoint = True
+    v1, _, g1, _ = _grad(plain, gen, ref, t)
+    v2, _, g2, _ = _grad(ckpt, gen, ref, t)
+    torch.testing.assert_close(v2, v1)
+    torch.testing.assert_close(g2, g1)
