@@ -120,3 +120,36 @@ def test_face_bank_roundtrip_is_normalised(tmp_path) -> None:
     got = load_face_bank(str(tmp_path / "bank.safetensors"))
     torch.testing.assert_close(got, torch.nn.functional.normalize(bank, dim=-1))
     assert load_face_bank(None) is None
+
+
+def test_build_face_bank_cli_embeds_every_detected_face(dirs, tmp_path) -> None:
+    from _helpers_faces import astronaut, group_photo
+    from PIL import Image
+
+    from fairdiff_ray.cli import main as cli_main
+    from fairdiff_ray.core.crop import align_faces
+    from fairdiff_ray.models.faces import DlibDetector, from_uint8
+
+    faces = tmp_path / "faces"
+    (faces / "sub").mkdir(parents=True)
+    Image.fromarray(astronaut()).save(faces / "astronaut.png")
+    Image.fromarray(group_photo()).save(faces / "sub" / "t1.jpg", quality=95)
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(faces / "blank.png")  # no face: contributes nothing
+    out = tmp_path / "bank.safetensors"
+    args = ["build-face-bank", "--faces", str(faces), "--embedder", str(dirs["embedder"]), "--out", str(out)]
+    assert cli_main(args) == 0
+    bank = load_face_bank(str(out))
+    assert bank.shape == (7, 32)  # the astronaut + the six people of t1.jpg
+    # row 0 is the astronaut's face, embedded exactly as the loss embeds faces
+    image = from_uint8(astronaut())
+    lm = DlibDetector().detect(image).landmarks
+    emb = load_face_embedder(dirs["embedder"])
+    with torch.no_grad():
+        torch.testing.assert_close(bank[0], emb(align_faces(image, lm))[0], atol=1e-5, rtol=1e-5)
+    assert cli_main(args) == 2  # refuses to overwrite
+    assert cli_main([*args, "--overwrite", "--largest-only"]) == 0
+    assert load_face_bank(str(out)).shape == (2, 32)
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["build-face-bank", "--faces", str(tmp_path / "empty"), "--embedder", str(dirs["embedder"]),
+                     "--out", str(tmp_path / "b2.safetensors")]) == 2
+    assert not (tmp_path / "b2.safetensors").exists()
