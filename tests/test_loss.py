@@ -13,7 +13,7 @@ from fairdiff_ray.errors import ConfigError
 from fairdiff_ray.models.classifiers import DlibAttributeClassifier
 from fairdiff_ray.models.faces import DlibDetector, from_uint8
 from fairdiff_ray.models.features import build_face_embedder, build_features
-from fairdiff_ray.training.loss import FairnessLoss, build_loss
+from fairdiff_ray.training.loss import FairnessLoss, build_loss, select_reference
 
 FAR = (slice(None), 470, 470)  # a background pixel, far from the astronaut's face (box ~ x 170-280, y 60-170)
 
@@ -155,6 +155,11 @@ def test_normalizer_semantics_workers_sum_to_the_global_mean(nets, photos) -> No
     halves = sum(run(gens[i : i + 1], refs[i : i + 1], {"gender": targets["gender"][i : i + 1]}, 2) for i in range(2))
     assert whole == pytest.approx(halves, rel=1e-4)
     assert run(gens, refs, targets, 4) == pytest.approx(whole / 2, rel=1e-5)
+    # one reference per step, sliced per chunk, gives the same chunk losses
+    ref_all, scored_all = fn.reference(refs), fn.score(gens)
+    chunks = sum(float(fn(gens[i : i + 1], scored_all.select(slice(i, i + 1)), select_reference(ref_all, slice(i, i + 1)),
+                          {"gender": targets["gender"][i : i + 1]}, 2)[0]) for i in range(2))
+    assert chunks == pytest.approx(halves, rel=1e-4)
     with pytest.raises(ValueError, match="normalizer"):
         run(gens, refs, targets, 0)
 

@@ -60,6 +60,27 @@ class Scored:
     logits: dict[str, Tensor]
     probs: dict[str, Tensor]
 
+    def select(self, rows: slice | Tensor) -> Scored:
+        """The rows ``rows`` (a slice or index tensor) of every field (logits keep their gradients)."""
+        return Scored(select_faces(self.faces, rows), {a: z[rows] for a, z in self.logits.items()},
+                      {a: p[rows] for a, p in self.probs.items()})
+
+
+def select_faces(faces: Faces, rows: slice | Tensor) -> Faces:
+    return Faces(boxes=faces.boxes[rows], scores=faces.scores[rows], landmarks=faces.landmarks[rows],
+                 found=faces.found[rows])
+
+
+def select_reference(ref: dict[str, Any], rows: slice | Tensor) -> dict[str, Any]:
+    """The rows ``rows`` of a ``FairnessLoss.reference`` result (compute it once per step, slice per chunk)."""
+    return {
+        "faces": select_faces(ref["faces"], rows),
+        "labels": {a: v[rows] for a, v in ref["labels"].items()},
+        "confidence": ref["confidence"][rows],
+        "features": {k: v[rows] for k, v in ref["features"].items()},
+        "face_emb": None if ref["face_emb"] is None else ref["face_emb"][rows],
+    }
+
 
 def _call(fn: Any, x: Tensor, use_checkpoint: bool) -> Any:
     """fn(x), recomputed in backward instead of stored when ``use_checkpoint`` and x needs a gradient."""
