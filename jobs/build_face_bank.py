@@ -18,11 +18,11 @@ from fairdiff_ray.jobs_common import run_job  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    from fairdiff_ray.config import FacesConfig, FeaturesConfig
+    from fairdiff_ray.config import FacesConfig
     from fairdiff_ray.io import check_output_dir
     from fairdiff_ray.models.face_bank import build_face_bank
     from fairdiff_ray.models.faces import build_detector
-    from fairdiff_ray.models.features import build_face_embedder
+    from fairdiff_ray.models.features import load_face_embedder
 
     p = argparse.ArgumentParser(prog="fairdiff build-face-bank", description=__doc__.splitlines()[0])
     p.add_argument("--faces", required=True, help="folder of photos (searched recursively)")
@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     check_output_dir(a.out, a.overwrite, "--out")
     detector = build_detector(FacesConfig(detector=a.detector, insightface_pack=a.insightface_pack))
-    embedder = build_face_embedder(FeaturesConfig(face_embedder=a.embedder))
+    embedder = load_face_embedder(a.embedder, key="--embedder")
     path, n = build_face_bank(a.faces, detector, embedder, a.out, a.largest_only)
     print(f"face bank: {path} ({n} faces)")
     return 0

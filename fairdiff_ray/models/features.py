@@ -278,19 +278,19 @@ def save_embedder(net: IResNet, out_dir: str | Path, layers: list[int], widths: 
     return out
 
 
-def load_face_embedder(path: str | Path) -> IResNetEmbedder:
+def load_face_embedder(path: str | Path, key: str = "features.face_embedder") -> IResNetEmbedder:
     """An IResNet face embedder from DIR/config.json + DIR/model.safetensors (format in the module docstring)."""
     p = Path(path).expanduser()
     if not (p / "config.json").is_file() or not (p / "model.safetensors").is_file():
-        raise ModelFileError(f"features.face_embedder: {p} needs config.json and model.safetensors; {EMBEDDER_HINT}")
+        raise ModelFileError(f"{key}: {p} needs config.json and model.safetensors; {EMBEDDER_HINT}")
     arch = json.loads((p / "config.json").read_text())
     if arch.get("arch") != "iresnet":
-        raise ModelFileError(f"features.face_embedder: {p}/config.json arch must be 'iresnet'; {EMBEDDER_HINT}")
+        raise ModelFileError(f"{key}: {p}/config.json arch must be 'iresnet'; {EMBEDDER_HINT}")
     net = IResNet(arch["layers"], arch.get("widths"), arch.get("embedding_size", 512), arch.get("input_size", 112))
     try:
         net.load_state_dict(load_file(str(p / "model.safetensors")))
     except RuntimeError as exc:
-        raise ModelFileError(f"features.face_embedder: {p} weights do not match config.json ({exc})") from exc
+        raise ModelFileError(f"{key}: {p} weights do not match config.json ({exc})") from exc
     return IResNetEmbedder(net)
 
 
