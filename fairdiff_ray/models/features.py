@@ -184,8 +184,8 @@ def build_features(
 
         nets["synthetic"] = load_features(None if cfg.synthetic == "default" else cfg.synthetic)
     for net in nets.values():
-        if isinstance(net, nn.Module):
-            net.to(device=device, dtype=dtype)
+        if isinstance(net, nn.Module):  # frozen whatever the loader did: gradients flow to the pixels only
+            _freeze(net).to(device=device, dtype=dtype)
     return nets
 
 

@@ -138,8 +138,8 @@ class FairnessLoss:
         self.use_face = face_embedder is not None and cfg.loss.lambda_face > 0
 
     def to(self, device: str | torch.device) -> FairnessLoss:
-        """Move the torch modules and the bank (detectors run on CPU copies and stay where they are)."""
-        for net in [self.classifier, self.face_embedder, *self.features.values()]:
+        """Move the torch modules (a torch detector too; dlib / InsightFace run on CPU copies) and the bank."""
+        for net in [self.detector, self.classifier, self.face_embedder, *self.features.values()]:
             if isinstance(net, torch.nn.Module):
                 net.to(device)
         if self.face_bank is not None:
