@@ -200,3 +200,28 @@ def test_activation_checkpointing_gives_the_same_gradients(nets, photos) -> None
     v2, _, g2, _ = _grad(ckpt, gen, ref, t)
     torch.testing.assert_close(v2, v1)
     torch.testing.assert_close(g2, g1)
+
+
+def test_full_loss_on_the_synthetic_world() -> None:
+    world = pytest.importorskip("fairdiff_ray.synthetic.world")
+    if not (world.DEFAULT_DIR / "detector.safetensors").is_file():
+        pytest.skip("the synthetic world's shipped nets are not built yet")
+    from fairdiff_ray.synthetic.render import render
+
+    n = 8
+    zeros, faces = torch.zeros(n, dtype=torch.long).numpy(), torch.arange(n).numpy() < 6
+    ref = render(zeros, zeros, zeros, zeros, seed=3, face=faces)["images"]  # female; two rows without a face
+    gen = render(zeros + 1, zeros, zeros, zeros, seed=3, face=faces)["images"]  # the same scenes, male
+    fn = build_loss(FairDiffConfig(features={"synthetic": "default"}))
+    assert list(fn.features) == ["synthetic"] and fn.use_img and not fn.use_face
+    r = fn.reference(ref)
+    assert (r["labels"]["gender"][:6] == 0).float().mean() >= 0.75 and (r["labels"]["gender"][6:] == -1).all()
+    images = gen.clone().requires_grad_()
+    scored = fn.score(images)
+    assert (scored.probs["gender"][:6].argmax(-1) == 1).float().mean() >= 0.75
+    targets = {"gender": torch.tensor([0, 1] * 4)}
+    loss, m = fn(images, scored, r, targets, normalizer=2 * n)
+    loss.backward()
+    assert m["active_img"] == 1.0 and m["loss_img"] > 0 and 0.6 <= m["face_found"] <= 0.75
+    assert m["confident_gender"] == pytest.approx(m["face_found"])  # rows without a face lose their target
+    assert torch.isfinite(images.grad).all() and images.grad[6:].abs().sum() > 0  # L_img reaches faceless rows
