@@ -1,0 +1,413 @@
+"""One data-parallel worker of the fairness finetuning (METHOD.md sections 2-5).
+
+Every worker handles the same prompt(s) each step and its share n = N / W of the step's N images; image j of
+a prompt starts from noise seeded by (run.seed, step, prompt index, j), so W workers x n images give exactly
+the images, targets and gradient of 1 worker x W n. One training step, per prompt:
+
+1. Reference images o_j: the base model (``adaptor.disabled()``) under no_grad from the same noise.
+2. Current images x_j and their class probabilities p_j (``train.schedule``: "fused" keeps each chunk's
+   graph from this pass; "reference" samples under no_grad here and regenerates each chunk with gradients in
+   step 4, memory bounded by ``train.chunk_size``; both give the same gradient).
+3. All-gather p (and the face-found mask) over workers -> expected OT targets q and confident targets y,
+   computed identically on every rank from a generator seeded by the step (core.ot); keep the local rows.
+4. Per chunk: loss / N (global N) and backward; after the last chunk the optimizer steps (non-finite
+   gradients skip the step and the EMA update, and are counted), then the EMA of the adaptor is updated.
+The number of sampling steps is drawn per step in [steps - jitter, steps + jitter] from the step's seed.
+
+Collectives (all_gather / all_reduce) are here, never in core/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from fairdiff_ray.config import FairDiffConfig
+from fairdiff_ray.core import metrics as cm
+from fairdiff_ray.core.ot import assign_targets, expected_targets
+from fairdiff_ray.core.sampler import sample_with_grad
+from fairdiff_ray.core.seeding import noise_from_seeds, stable_seed
+from fairdiff_ray.dist.engine import TrainModules, build_engine, compute_dtype
+
+
+def default_components(cfg: FairDiffConfig, device: torch.device, dtype: torch.dtype) -> Any:
+    from fairdiff_ray.models.sd import load_components
+
+    return load_components(cfg.model.path, dtype=dtype, device=device)
+
+
+def default_loss(cfg: FairDiffConfig, device: torch.device) -> Any:
+    from fairdiff_ray.training.loss import build_loss
+
+    return build_loss(cfg, device)
+
+
+@dataclass
+class Builders:
+    """How a worker gets its models (a seam for tests with tiny models); plain functions, shipped to workers."""
+
+    components: Callable[[FairDiffConfig, torch.device, torch.dtype], Any] = default_components
+    loss: Callable[[FairDiffConfig, torch.device], Any] = default_loss
+    fault: Callable[[int, int], None] | None = None  # called as fault(step, rank) before every step (tests)
+
+
+# -- collectives (no-ops in a single process) ----------------------------------------------------------------
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """(n, ...) per rank -> (W n, ...) in rank order (equal n on every rank)."""
+    rank, size = world()
+    if size == 1:
+        return t
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    x = t.to(dev).contiguous()
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x)
+    return torch.cat(parts).to(t.device)
+
+
+def all_sum(values: dict[str, float]) -> dict[str, float]:
+    _, size = world()
+    if size == 1 or not values:
+        return dict(values)
+    keys = sorted(values)
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.cpu().tolist()))
+
+
+# -- seeds ---------------------------------------------------------------------------------------------------
+
+
+def num_sampling_steps(cfg: FairDiffConfig, step: int) -> int:
+    j = cfg.sampler.steps_jitter
+    if j == 0:
+        return cfg.sampler.steps
+    gen = torch.Generator().manual_seed(stable_seed(cfg.run.seed, "steps", step))
+    return cfg.sampler.steps + int(torch.randint(-j, j + 1, (1,), generator=gen))
+
+
+def image_seeds(cfg: FairDiffConfig, step: int, prompt_index: int, rows: range) -> list[int]:
+    return [stable_seed(cfg.run.seed, "noise", step, prompt_index, j) for j in rows]
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@dataclass
+class StepOutput:
+    metrics: dict[str, float] = field(default_factory=dict)
+    targets: dict[str, torch.Tensor] = field(default_factory=dict)  # last prompt's global targets (tests)
+
+
+class Worker:
+    """Models, adaptor, loss and engine of one rank; ``train_step`` and ``validate`` as described above."""
+
+    def __init__(self, cfg: FairDiffConfig, device: torch.device, builders: Builders | None = None,
+                 adaptor_state: dict[str, torch.Tensor] | None = None):
+        from fairdiff_ray.models.adaptors import attach_adaptor
+
+        self.cfg, self.device = cfg, device
+        self.builders = builders or Builders()
+        self.rank, self.world = world()
+        n = cfg.train.images_per_prompt
+        if n % self.world:
+            raise ValueError(f"train.images_per_prompt={n} does not divide over {self.world} workers")
+        self.n_local = n // self.world
+        self.chunks = _chunks(self.n_local, cfg.train.chunk_size)
+        self.target = cfg.target_distribution()
+        self.comp = self.builders.components(cfg, device, compute_dtype(cfg))
+        self.adaptor = attach_adaptor(self.comp, cfg.adaptor, seed=cfg.run.seed)
+        if adaptor_state is not None:  # before the engine copies the weights into its master copies
+            self.adaptor.load_state_dict(adaptor_state)
+        self.adaptor.train(True)
+        self.loss = self.builders.loss(cfg, device)
+        params = self.adaptor.trainable_parameters()
+        in_modules = {id(p) for m in (self.comp.text_encoder, self.comp.unet) for p in m.parameters()}
+        free = [p for p in params if id(p) not in in_modules]
+        self.modules = TrainModules({"text_encoder": self.comp.text_encoder, "unet": self.comp.unet,
+                                     "vae": self.comp.vae}, free)
+        micro = cfg.train.prompts_per_step * len(self.chunks)
+        self.engine = build_engine(cfg, self.modules, params, micro, self.rank, self.world)
+        self.skipped = 0
+
+    # -- generation ----------------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[str], x_T: torch.Tensor, steps: int, *, grad: bool, base: bool = False,
+                 trunc_seed: int = 0) -> torch.Tensor:
+        """Images (b, 3, H, W) float32 in [-1, 1] for b prompts/noises; the base model when ``base``."""
+        from fairdiff_ray.models.sd import decode_latents, make_scheduler, unet_eps_fn
+
+        s = self.cfg.sampler
+        ctx = self.adaptor.disabled() if base else contextlib.nullcontext()
+        with ctx, torch.set_grad_enabled(grad):
+            cond = self.adaptor.encode(prompts)
+            uncond = self.adaptor.uncond(len(prompts)) if s.guidance_scale > 1 else None
+            x_0 = sample_with_grad(
+                unet_eps_fn(self.comp.unet, cond, uncond), x_T, make_scheduler(s.scheduler, self.comp.scheduler_config),
+                estimator=s.estimator, truncate_k=s.truncate_k, checkpoint=s.checkpoint and grad,
+                guidance_scale=s.guidance_scale, generator=torch.Generator().manual_seed(trunc_seed),
+                num_inference_steps=steps,
+            )
+            if grad and s.checkpoint:
+                images = _checkpoint(decode_latents, self.comp.vae, x_0, use_reentrant=False)
+            else:
+                images = decode_latents(self.comp.vae, x_0)
+        return images.float()
+
+    def _noise(self, step: int, p_idx: int, rows: slice) -> torch.Tensor:
+        start = self.rank * self.n_local
+        seeds = image_seeds(self.cfg, step, p_idx, range(start + rows.start, start + rows.stop))
+        return noise_from_seeds(seeds, self.comp.latent_shape(), dtype=compute_dtype(self.cfg), device=self.device)
+
+    # -- one training step -------------------------------------------------------------------------------
+
+    def train_step(self, prompts: list[str], step: int) -> StepOutput:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        torch.manual_seed(stable_seed(cfg.run.seed, "dropout", step, self.rank))  # LoRA dropout only
+        steps = num_sampling_steps(cfg, step)
+        n_global = cfg.train.images_per_prompt * len(prompts)
+        parts: dict[str, float] = {}
+        stats: dict[str, list[float]] = {}
+        out = StepOutput()
+        for p_idx, prompt in enumerate(prompts):
+            trunc = stable_seed(cfg.run.seed, "truncate", step, p_idx)
+            refs, kept, probs, found = [], [], [], []
+            for sl in self.chunks:  # passes 1-2: reference and current images, probabilities
+                x_T = self._noise(step, p_idx, sl)
+                b = sl.stop - sl.start
+                with torch.no_grad():
+                    refs.append(self.loss.reference(self.generate([prompt] * b, x_T, steps, grad=False, base=True,
+                                                                  trunc_seed=trunc)))
+                fused = cfg.train.schedule == "fused"
+                with contextlib.nullcontext() if fused else torch.no_grad():
+                    images = self.generate([prompt] * b, x_T, steps, grad=fused, trunc_seed=trunc)
+                    scored = self.loss.score(images)
+                kept.append((images, scored) if fused else None)
+                probs.append(scored.probs)
+                found.append(scored.faces.found.cpu())
+            # pass 3: all-gather, the same OT targets on every rank
+            g_found = all_gather_rows(torch.cat(found))
+            g_probs = {a: all_gather_rows(torch.cat([p[a] for p in probs]).float().cpu()) for a in self.loss.attributes}
+            q = expected_targets(
+                g_probs, self.target, valid=g_found, method=cfg.loss.ot_method, num_draws=cfg.loss.num_draws,
+                generator=torch.Generator().manual_seed(stable_seed(cfg.run.seed, "ot", step, p_idx)),
+                age_asymmetric=cfg.loss.age_asymmetric_cost)
+            y = assign_targets(q, cfg.loss.threshold)
+            out.targets = y
+            self._batch_stats(stats, g_probs, g_found, y)
+            # pass 4: loss on the local rows, backward per chunk
+            base_row = self.rank * self.n_local
+            for c, sl in enumerate(self.chunks):
+                if kept[c] is None:
+                    images = self.generate([prompt] * (sl.stop - sl.start), self._noise(step, p_idx, sl), steps,
+                                           grad=True, trunc_seed=trunc)
+                    scored = self.loss.score(images)
+                else:
+                    images, scored = kept[c]
+                    kept[c] = None
+                rows = slice(base_row + sl.start, base_row + sl.stop)
+                loss, m = self.loss(images, scored, refs[c], {a: t[rows] for a, t in y.items()}, n_global)
+                self.engine.backward(loss)
+                self.engine.step()
+                for k, v in m.items():
+                    if k.startswith("loss"):
+                        parts[k] = parts.get(k, 0.0) + float(v)
+        applied = bool(self.engine.applied)
+        if applied:
+            with self.engine.gathered():
+                self.adaptor.ema_update()
+        else:
+            self.skipped += 1
+        out.metrics = self._step_metrics(parts, stats, len(prompts), applied, steps, n_global, t0)
+        return out
+
+    def _batch_stats(self, stats: dict[str, list[float]], probs: dict[str, torch.Tensor], found: torch.Tensor,
+                     y: dict[str, torch.Tensor]) -> None:
+        labels = {a: torch.where(found, p.argmax(dim=1), -1) for a, p in probs.items()}
+        n_found = int(found.sum())
+        stats.setdefault("train/face_rate", []).append(float(found.float().mean()))
+        for a, lab in labels.items():
+            stats.setdefault(f"train/bias/{a}", []).append(cm.bias(lab, probs[a].shape[1]))
+            conf = float((y[a] != -1).sum()) / n_found if n_found else 0.0
+            stats.setdefault(f"train/confident/{a}", []).append(conf)
+        stats.setdefault("train/distance", []).append(cm.target_distance(labels, self.target))
+
+    def _step_metrics(self, parts: dict[str, float], stats: dict[str, list[float]], n_prompts: int, applied: bool,
+                      steps: int, n_global: int, t0: float) -> dict[str, float]:
+        total = all_sum(parts)  # each rank's share is already divided by the global N
+        m: dict[str, float] = {("loss" if k == "loss" else "loss/" + k.removeprefix("loss_")): v
+                               for k, v in total.items()}
+        for k, vals in stats.items():
+            good = [v for v in vals if not math.isnan(v)]
+            m[k] = sum(good) / len(good) if good else float("nan")
+        m.update(applied=float(applied), skipped=float(self.skipped), sampling_steps=float(steps),
+                 images_per_s=n_global / max(time.perf_counter() - t0, 1e-9), prompts=float(n_prompts))
+        return m
+
+    # -- validation ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self, prompts: list[str]) -> dict[str, float]:
+        """EMA weights, cfg.sampler.steps, N images per val prompt: bias, class shares, target distance, drift."""
+        cfg = self.cfg
+        n_attr = self.target.num_classes
+        labels: dict[str, list[torch.Tensor]] = {a: [] for a in self.loss.attributes}
+        per_prompt: dict[str, list[float]] = {}
+        drift_sum, drift_n = 0.0, 0
+        with self.engine.gathered(), self.adaptor.ema_applied():
+            for prompt in prompts:
+                lab_p = {a: [] for a in self.loss.attributes}
+                for sl in self.chunks:
+                    start = self.rank * self.n_local
+                    seeds = [stable_seed(cfg.run.seed, "val", prompt, j)
+                             for j in range(start + sl.start, start + sl.stop)]
+                    x_T = noise_from_seeds(seeds, self.comp.latent_shape(), compute_dtype(cfg), self.device)
+                    b = sl.stop - sl.start
+                    images = self.generate([prompt] * b, x_T, cfg.sampler.steps, grad=False)
+                    scored = self.loss.score(images)
+                    found = scored.faces.found.cpu()
+                    for a in self.loss.attributes:
+                        lab_p[a].append(torch.where(found, scored.probs[a].argmax(1).cpu(), -1))
+                    if self.loss.features:
+                        ref = self.generate([prompt] * b, x_T, cfg.sampler.steps, grad=False, base=True)
+                        for net in self.loss.features.values():
+                            d = 1 - torch.nn.functional.cosine_similarity(net(images).float(), net(ref).float())
+                            drift_sum, drift_n = drift_sum + float(d.sum()), drift_n + b
+                for a in self.loss.attributes:
+                    g = all_gather_rows(torch.cat(lab_p[a]))
+                    labels[a].append(g)
+                    per_prompt.setdefault(a, []).append(cm.bias(g, n_attr[a]))
+        tot = all_sum({"d": drift_sum, "n": float(drift_n)})
+        drift = tot["d"] / tot["n"] if tot["n"] else 0.0
+        all_labels = {a: torch.cat(v) for a, v in labels.items()}
+        distance = cm.target_distance(all_labels, self.target)
+        m = {f"bias/{a}": cm.bias_over_prompts(v)[0] for a, v in per_prompt.items()}
+        for a, lab in all_labels.items():
+            for cls, f in zip(self.target.attributes[a], cm.frequencies(lab, n_attr[a]).tolist()):
+                m[f"freq/{a}/{cls}"] = f
+        m.update(distance=distance, drift=drift, objective=cm.validation_objective(distance, drift))
+        return m
+
+
+# -- checkpoints and the Ray Train loop ----------------------------------------------------------------------
+
+CKPT_ADAPTOR = "adaptor_state.safetensors"  # trainable weights + "ema." copies
+CKPT_STATE = "state.json"  # steps done, skipped steps, last validation metrics
+CKPT_CONFIG = "config.yaml"  # the resolved run config
+ENGINE_DIR = "engine"  # optimizer state (DeepSpeed: every rank's ZeRO partition)
+EXPORT_DIR = "adaptor"  # the final checkpoint also holds the exported EMA adaptor
+
+
+def export_metadata(cfg: FairDiffConfig, steps_done: int) -> dict[str, Any]:
+    t = cfg.target_distribution()
+    return {"attributes": t.attributes, "target": cfg.target, "config": cfg.to_dict(), "step": steps_done,
+            "run": cfg.run.name}
+
+
+def save_checkpoint(w: Worker, path: Any, steps_done: int, state: dict[str, Any], export: bool) -> None:
+    """Every rank writes its part into ``path`` (Ray merges the ranks' directories into one checkpoint)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    with w.engine.gathered():
+        sd = {k: v.detach().cpu().contiguous() for k, v in w.adaptor.state_dict().items()}
+        if export and w.rank == 0:
+            w.adaptor.export(str(path / EXPORT_DIR), export_metadata(w.cfg, steps_done), use_ema=True)
+    if w.rank == 0:
+        save_file(sd, str(path / CKPT_ADAPTOR))
+        (path / CKPT_STATE).write_text(json.dumps({**state, "step": steps_done, "skipped": w.skipped}, indent=1))
+        (path / CKPT_CONFIG).write_text(w.cfg.to_yaml())
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, path / f"rng_rank{w.rank}.pt")
+    (path / ENGINE_DIR).mkdir(exist_ok=True)
+    w.engine.save(path / ENGINE_DIR)
+
+
+def _validation_due(cfg: FairDiffConfig, steps_done: int) -> bool:
+    every = cfg.train.validate_every
+    return every > 0 and (steps_done % every == 0 or steps_done == cfg.train.steps)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """The Ray Train worker function. config: {"cfg": FairDiffConfig dict, "builders": Builders | None}."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import ray.train
+    from safetensors.torch import load_file
+
+    from fairdiff_ray.config import from_dict
+    from fairdiff_ray.dist.data import iter_rows, take_prompts
+    from fairdiff_ray.dist.metrics import MetricsWriter
+
+    cfg = from_dict(config["cfg"])
+    builders = config.get("builders") or Builders()
+    device = ray.train.torch.get_device() if cfg.ray.use_gpu else torch.device("cpu")
+    rank = ray.train.get_context().get_world_rank()
+    ckpt = ray.train.get_checkpoint()
+    start, state = 0, {}
+    with ckpt.as_directory() if ckpt else contextlib.nullcontext(None) as d:
+        adaptor_sd = None
+        if d is not None:
+            d = Path(d)
+            adaptor_sd = load_file(str(d / CKPT_ADAPTOR))
+            state = json.loads((d / CKPT_STATE).read_text())
+            start = int(state["step"])
+        w = Worker(cfg, device, builders, adaptor_sd)
+        if d is not None:
+            w.engine.load(d / ENGINE_DIR)
+            w.skipped = int(state.get("skipped", 0))
+            rng_file = d / f"rng_rank{rank}.pt"
+            if rng_file.is_file():
+                torch.set_rng_state(torch.load(rng_file, weights_only=True)["torch"])
+    run_dir = Path(config["run_dir"])
+    writer = MetricsWriter(run_dir, start) if rank == 0 else None
+    pps = cfg.train.prompts_per_step
+    rows = iter_rows(ray.train.get_dataset_shard("train"), start * pps)
+    val_prompts = ([r["prompt"] for r in iter_rows(ray.train.get_dataset_shard("val"))]
+                   if cfg.train.validate_every else [])
+    last_val: dict[str, float] = state.get("last_val", {})
+    for step in range(start, cfg.train.steps):
+        if builders.fault is not None:
+            builders.fault(step, rank)
+        batch = take_prompts(rows, pps)
+        out = w.train_step([r["prompt"] for r in batch], step)
+        done = step + 1
+        if _validation_due(cfg, done):
+            last_val = w.validate(val_prompts)
+        metrics: dict[str, Any] = {"step": step, **out.metrics, **last_val}
+        metrics.setdefault("objective", metrics["train/distance"])  # until the first validation
+        if writer is not None:
+            writer.write(step, metrics)
+        if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
+            with tempfile.TemporaryDirectory(prefix="fairdiff-ckpt-") as tmp:
+                save_checkpoint(w, Path(tmp), done, {"last_val": last_val}, export=done == cfg.train.steps)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"checkpoint_{done:08d}")
+        else:
+            ray.train.report(metrics)
+    if writer is not None:
+        writer.close()
