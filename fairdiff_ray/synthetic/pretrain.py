@@ -26,9 +26,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from fairdiff_ray.core.seeding import stable_seed
-from fairdiff_ray.models.tiny import build_tokenizer
 from fairdiff_ray.synthetic.render import ATTRIBUTES, render
-from fairdiff_ray.synthetic.vocab import Subject, subjects, vocabulary_words
+from fairdiff_ray.synthetic.vocab import Subject, build_word_tokenizer, subjects
 
 
 @dataclass(frozen=True)
@@ -43,9 +42,9 @@ class PretrainSpec:
     cross_attn_levels: tuple[bool, ...] = (False, True)
     text_hidden: int = 64
     text_layers: int = 3
-    max_length: int = 32
+    max_length: int = 77  # SD's text length; prompts use <= 19 (one token per word), the rest is padding
     # stage 1: VAE
-    vae_steps: int = 800
+    vae_steps: int = 1200
     vae_batch: int = 32
     vae_lr: float = 2e-3
     kl_weight: float = 1e-6
@@ -81,7 +80,7 @@ def spec_from_overrides(overrides: dict[str, str]) -> PretrainSpec:
 # ----------------------------------------------------------------------------------------------- models
 def build_components(spec: PretrainSpec) -> dict[str, Any]:
     """Randomly initialised tokenizer, text encoder, UNet, VAE and DDIM scheduler, seeded by spec.seed."""
-    tokenizer = build_tokenizer(vocabulary_words(), model_max_length=spec.max_length)
+    tokenizer = build_word_tokenizer(model_max_length=spec.max_length)
     vocab = len(tokenizer)
     torch.manual_seed(stable_seed(spec.seed, "text_encoder") % 2**31)
     text_encoder = CLIPTextModel(

@@ -211,3 +211,56 @@ def bias(probs: tuple[float, ...]) -> float:
 
 
 assert set(ATTRIBUTES) == {"gender", "race", "age"}
+
+
+def _learn_merges(words: list[str]) -> list[tuple[str, str]]:
+    """Byte-pair merges learned on ``words`` (each counted once) until every word is a single symbol.
+
+    Learning the merges (rather than listing each word's left-to-right chain) is what makes CLIP's BPE, which
+    applies merges by rank anywhere in a word, reproduce whole words: the ranks come from the same process.
+    """
+    segs = [list(w[:-1]) + [w[-1] + "</w>"] for w in words]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for s in segs:
+            for pair in zip(s, s[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = max(counts, key=lambda p: (counts[p], p))  # most frequent, ties broken by the pair's text
+        merges.append(best)
+        joined = best[0] + best[1]
+        for k, s in enumerate(segs):
+            out, i = [], 0
+            while i < len(s):
+                if i + 1 < len(s) and (s[i], s[i + 1]) == best:
+                    out.append(joined)
+                    i += 2
+                else:
+                    out.append(s[i])
+                    i += 1
+            segs[k] = out
+
+
+def build_word_tokenizer(words: list[str] | None = None, model_max_length: int = 77):
+    """A CLIP BPE tokenizer (stock CLIPTokenizer, no download) in which every vocabulary word is one token.
+
+    Vocabulary: the 256 byte symbols (alone and word-final), every merge result, then the start and end
+    tokens (so bos = len - 2, eos = pad = len - 1). Unknown words fall back to pieces or single bytes.
+    """
+    from transformers import CLIPTokenizer
+
+    from fairdiff_ray.models.tiny import _bytes_to_unicode
+
+    words = sorted(set(vocabulary_words() if words is None else words))
+    merges = _learn_merges(words)
+    vocab: dict[str, int] = {}
+    for suffix in ("", "</w>"):
+        for ch in _bytes_to_unicode().values():
+            vocab.setdefault(ch + suffix, len(vocab))
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    vocab.setdefault("<|startoftext|>", len(vocab))
+    vocab.setdefault("<|endoftext|>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
