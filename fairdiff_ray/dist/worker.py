@@ -225,6 +225,8 @@ class Worker:
                     kept[c] = None
                 rows = slice(base_row + sl.start, base_row + sl.stop)
                 loss, m = self.loss(images, scored, refs[c], {a: t[rows] for a, t in y.items()}, n_global)
+                if not loss.requires_grad:  # nothing to learn from this chunk: still a (zero) gradient for
+                    loss = loss + sum(p.sum() * 0.0 for p in self.engine.params)  # every parameter
                 self.engine.backward(loss)
                 self.engine.step()
                 for k, v in m.items():
@@ -237,6 +239,7 @@ class Worker:
         else:
             self.skipped += 1
         out.metrics = self._step_metrics(parts, stats, len(prompts), applied, steps, n_global, t0)
+        out.metrics.update({f"targets/{a}": t.tolist() for a, t in out.targets.items()})  # last prompt's
         return out
 
     def _batch_stats(self, stats: dict[str, list[float]], probs: dict[str, torch.Tensor], found: torch.Tensor,
