@@ -1,0 +1,264 @@
+"""Train, measure and save all of the synthetic world's nets (``python jobs/train_synthetic_nets.py``).
+
+Order matters: the detector first, because the classifiers are trained on crops of its boxes. The eval-time
+classifier sees its own renders (a separate pool) and its own seed. Every number measured here is on fresh
+renders that no net was trained on, and is saved in the net's JSON (``measured``) and in ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from fairdiff_ray.core.seeding import stable_seed
+from fairdiff_ray.io import atomic_write_text
+from fairdiff_ray.models.classifiers import classify_images
+from fairdiff_ray.synthetic.nets import (
+    FeatureTrainer,
+    Pool,
+    SyntheticClassifier,
+    SyntheticDetector,
+    augment,
+    build_net,
+    classifier_loss,
+    detector_loss,
+    features_loss,
+    fidelity_loss,
+    fit,
+    render_pool,
+)
+from fairdiff_ray.synthetic.render import ATTRIBUTES
+from fairdiff_ray.synthetic.world import save_net
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Sizes of the run (saved in metrics.json). ``scale`` multiplies every pool size and step count."""
+
+    seed: int = 0
+    threads: int = 1
+    batch: int = 128
+    pool_a: int = 10_000  # detector, train-time classifier, features, fidelity (30% without a face)
+    pool_b: int = 6_000  # eval-time classifier only
+    test: int = 2_000
+    detector_steps: int = 600
+    classifier_steps: int = 300
+    features_steps: int = 400
+    fidelity_steps: int = 250
+    lr: float = 3e-3
+    scale: float = 1.0
+
+    def n(self, field: str) -> int:
+        return max(1, int(round(getattr(self, field) * self.scale)))
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N, 4) xyxy x (N, 4) xyxy -> (N,) IoU of matching rows."""
+    lo, hi = torch.maximum(a[:, :2], b[:, :2]), torch.minimum(a[:, 2:], b[:, 2:])
+    inter = (hi - lo).clamp(min=0).prod(-1)
+    area = lambda x: (x[:, 2:] - x[:, :2]).clamp(min=0).prod(-1)  # noqa: E731
+    return inter / (area(a) + area(b) - inter).clamp(min=1e-9)
+
+
+@torch.no_grad()
+def measure_detector(detector: SyntheticDetector, pool: Pool, augmented: bool = False, seed: int = 0) -> dict:
+    """Face recall, IoU > 0.7 rate and landmark error on face images; false-positive rate on the rest."""
+    x = augment(pool.images, torch.Generator().manual_seed(seed)) if augmented else pool.images
+    faces = detector.detect(x)
+    f = pool.face
+    iou = box_iou(faces.boxes[f], pool.boxes[f])
+    lm_err = (faces.landmarks[f] - pool.landmarks[f]).norm(dim=-1).mean(-1)
+    return {
+        "recall": faces.found[f].float().mean().item(),
+        "iou_gt_0.7": ((iou > 0.7) & faces.found[f]).float().mean().item(),
+        "mean_iou": iou.mean().item(),
+        "landmark_err_px": lm_err.mean().item(),
+        "false_positive": faces.found[~f].float().mean().item() if (~f).any() else 0.0,
+    }
+
+
+@torch.no_grad()
+def measure_classifier(classifier: SyntheticClassifier, detector: SyntheticDetector, pool: Pool,
+                       augmented: bool = False, seed: int = 0) -> dict:  # fmt: skip
+    """Accuracy per attribute on face images through the real detect -> crop -> classify path."""
+    f = pool.face
+    x = pool.images[f]
+    x = augment(x, torch.Generator().manual_seed(seed)) if augmented else x
+    _, logits = classify_images(x, detector, classifier)
+    return {a: (logits[a].argmax(-1) == pool.labels[a][f]).float().mean().item() for a in ATTRIBUTES}
+
+
+@torch.no_grad()
+def measure_content(net: torch.nn.Module, pool: Pool, augmented: bool = False, seed: int = 0) -> float:
+    x = augment(pool.images, torch.Generator().manual_seed(seed)) if augmented else pool.images
+    return (net(x).argmax(-1) == pool.labels["content"]).float().mean().item()
+
+
+@contextlib.contextmanager
+def timer(log: Callable[[str], None], what: str) -> Iterator[None]:
+    t = time.perf_counter()
+    log(f"{what} ...")
+    yield
+    log(f"{what}: {time.perf_counter() - t:.0f} s")
+
+
+def train_all(out_dir: str | Path, spec: TrainSpec = TrainSpec(), log: Callable[[str], None] = print) -> dict:
+    """Train the five nets, save ``<name>.safetensors`` / ``.json`` and ``metrics.json`` in ``out_dir``."""
+    torch.set_num_threads(spec.threads)
+    s = lambda *parts: stable_seed("synthetic-nets", spec.seed, *parts) % (1 << 31)  # noqa: E731
+    with timer(log, "render pools"):
+        pool_a = render_pool(spec.n("pool_a"), s("pool-a"), face_prob=0.7)
+        pool_b = render_pool(spec.n("pool_b"), s("pool-b"))
+        test = render_pool(spec.n("test"), s("test"), face_prob=0.8)
+    faces_a = pool_a.take(torch.nonzero(pool_a.face)[:, 0])
+    lr, b = spec.lr, spec.batch
+    metrics: dict = {"spec": asdict(spec)}
+
+    det = build_net("detector", s("init", "detector"))
+    with timer(log, "detector"):
+        fit(det.net, detector_loss(det.net, pool_a, b), spec.n("detector_steps"), lr, s("fit", "detector"), log)
+    det.eval()
+    metrics["detector"] = {"clean": measure_detector(det, test), "augmented": measure_detector(det, test, True)}
+    save_net(det, out_dir, "detector", {"measured": metrics["detector"]})
+    log(f"detector: {metrics['detector']}")
+
+    for variant, pool in (("train", faces_a), ("eval", pool_b)):
+        name = f"classifier-{variant}"
+        clf = build_net(name, s("init", name))
+        with timer(log, name):
+            loss = classifier_loss(clf.net, pool, det, clf.crop_expand, b)
+            fit(clf.net, loss, spec.n("classifier_steps"), lr, s("fit", name), log)
+        clf.eval()
+        metrics[name] = {"clean": measure_classifier(clf, det, test), "augmented": measure_classifier(clf, det, test, True)}
+        save_net(clf, out_dir, name, {"measured": metrics[name]})
+        log(f"{name}: {metrics[name]}")
+
+    feats = build_net("features", s("init", "features"))
+    with torch.random.fork_rng(devices=[]):  # the auxiliary heads' init is seeded too
+        torch.manual_seed(s("init", "features-aux"))
+        trainer = FeatureTrainer(feats.net, feats.arch["heads"]["embed"])
+    with timer(log, "features"):
+        fit(trainer, features_loss(trainer, pool_a, b), spec.n("features_steps"), lr, s("fit", "features"), log)
+    feats.eval()
+    metrics["features"] = {"content_probe_clean": measure_content(lambda x: trainer(x)["content"], test)}
+    save_net(feats, out_dir, "features", {"measured": metrics["features"]})
+    log(f"features: {metrics['features']}")
+
+    fid = build_net("fidelity", s("init", "fidelity"))
+    with timer(log, "fidelity"):
+        fit(fid.net, fidelity_loss(fid.net, pool_a, b), spec.n("fidelity_steps"), lr, s("fit", "fidelity"), log)
+    fid.eval()
+    metrics["fidelity"] = {"clean": measure_content(fid, test), "augmented": measure_content(fid, test, True)}
+    save_net(fid, out_dir, "fidelity", {"measured": metrics["fidelity"]})
+    log(f"fidelity: {metrics['fidelity']}")
+    atomic_write_text(Path(out_dir) / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+
+@torch.no_grad()
+def measure_on_model(model_dir: str | Path, nets_dir: str | Path | None = None, prompts: int = 25, per_prompt: int = 4,
+                     steps: int = 20, guidance: float = 7.5) -> dict:  # fmt: skip
+    """The nets on images the synthetic SD generates (test prompts of every concept, DPM-Solver++ 2M).
+
+    Face rate of the detector; per attribute, agreement of the train- and eval-time classifiers on the faces
+    found and their mean confidence; the fidelity net's rate of showing the prompt's own content.
+    """
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    from fairdiff_ray.core.seeding import noise_from_seeds
+    from fairdiff_ray.synthetic.vocab import subjects
+    from fairdiff_ray.synthetic.world import content_class, load_classifier, load_detector, load_fidelity
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    pipe.set_progress_bar_config(disable=True)
+    test = [s for s in subjects() if s.split == "test"]
+    chosen = [test[round(i * (len(test) - 1) / max(prompts - 1, 1))] for i in range(min(prompts, len(test)))]
+    shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    images, want = [], []
+    for s in chosen:
+        latents = noise_from_seeds([stable_seed(s.prompt, j) for j in range(per_prompt)], shape)
+        out = pipe(prompt=[s.prompt] * per_prompt, latents=latents, num_inference_steps=steps,
+                   guidance_scale=guidance, output_type="pt")  # fmt: skip
+        images.append(out.images * 2 - 1)
+        want += [content_class(s.prompt)] * per_prompt
+    x = torch.cat(images).float()
+    det = load_detector(nets_dir)
+    faces, train_logits = classify_images(x, det, load_classifier(nets_dir, "train"))
+    _, eval_logits = classify_images(x, det, load_classifier(nets_dir, "eval"))
+    f = faces.found
+    res: dict = {"images": int(x.shape[0]), "prompts": len(chosen), "face_rate": f.float().mean().item(),
+                 "mean_face_score": faces.scores[f].mean().item() if f.any() else 0.0}  # fmt: skip
+    for a in ATTRIBUTES:
+        pt, pe = train_logits[a][f].softmax(-1), eval_logits[a][f].softmax(-1)
+        res[a] = {
+            "agreement": (pt.argmax(-1) == pe.argmax(-1)).float().mean().item(),
+            "confidence_train": pt.max(-1).values.mean().item(),
+            "confidence_eval": pe.max(-1).values.mean().item(),
+        }
+    res["fidelity"] = (load_fidelity(nets_dir)(x).argmax(-1) == torch.tensor(want)).float().mean().item()
+    res["setup"] = {"model": str(model_dir), "steps": steps, "guidance": guidance, "scheduler": "dpmsolver++",
+                    "per_prompt": per_prompt}  # fmt: skip
+    return res
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def write_card(out_dir: str | Path, metrics: dict, on_model: dict | None = None) -> Path:
+    """CARD.md: what each net is, its size, and what was measured (renders, and the synthetic SD's images)."""
+    out_dir = Path(out_dir)
+    sizes = {p.stem: p.stat().st_size for p in sorted(out_dir.glob("*.safetensors"))}
+    d, sp = metrics["detector"], metrics["spec"]
+    lines = [
+        "# Synthetic-world nets (issue 4)",
+        "",
+        "Small CNNs on 32 x 32 images, trained on procedural renders (fairdiff_ray/synthetic/render.py) with blur,",
+        "noise and colour-shift augmentation; loaded by fairdiff_ray/synthetic/world.py. Rebuild (CPU, seeded):",
+        "",
+        "    python jobs/train_synthetic_nets.py --overwrite [--sd assets/synthetic-sd]",
+        "",
+        f"Run: seed {sp['seed']}, scale {sp['scale']}, batch {sp['batch']}, test renders {sp['test']} "
+        "(20% without a face), never seen in training.",
+        "",
+        "| net | file size | what |",
+        "|---|---|---|",
+        f"| detector | {sizes.get('detector', 0) / 1e6:.2f} MB | face presence, box, 5 landmarks (FaceDetector) |",
+        f"| classifier-train | {sizes.get('classifier-train', 0) / 1e6:.2f} MB | gender / race / age on crops, training-time |",
+        f"| classifier-eval | {sizes.get('classifier-eval', 0) / 1e6:.2f} MB | other architecture, seed and renders, eval-time |",
+        f"| features | {sizes.get('features', 0) / 1e6:.2f} MB | 64-d L2-normalised embedding (CLIP / DINO stand-in) |",
+        f"| fidelity | {sizes.get('fidelity', 0) / 1e6:.2f} MB | content (shirt) class: prompt fidelity |",
+        "",
+        "## On held-out renders (clean / augmented)",
+        "",
+        f"- detector: recall {_pct(d['clean']['recall'])} / {_pct(d['augmented']['recall'])}, IoU > 0.7 "
+        f"{_pct(d['clean']['iou_gt_0.7'])} / {_pct(d['augmented']['iou_gt_0.7'])}, mean IoU "
+        f"{d['clean']['mean_iou']:.3f}, landmark error {d['clean']['landmark_err_px']:.2f} px, false positives "
+        f"on no-face renders {_pct(d['clean']['false_positive'])} / {_pct(d['augmented']['false_positive'])}",
+    ]
+    for name in ("classifier-train", "classifier-eval"):
+        m = metrics[name]
+        accs = ", ".join(f"{a} {_pct(m['clean'][a])} / {_pct(m['augmented'][a])}" for a in ATTRIBUTES)
+        lines.append(f"- {name} (through detect -> crop -> classify): {accs}")
+    lines.append(f"- features: content linear head {_pct(metrics['features']['content_probe_clean'])}")
+    fid = metrics["fidelity"]
+    lines.append(f"- fidelity: content accuracy {_pct(fid['clean'])} / {_pct(fid['augmented'])}")
+    if on_model:
+        m = on_model
+        lines += ["", f"## On images generated by {m['setup']['model']}", "",
+                  f"{m['images']} images ({m['prompts']} test prompts x {m['setup']['per_prompt']}, "
+                  f"{m['setup']['scheduler']} {m['setup']['steps']} steps, guidance {m['setup']['guidance']}).", "",
+                  f"- face rate {_pct(m['face_rate'])} (mean score of found faces {m['mean_face_score']:.3f})",
+                  f"- prompt fidelity (fidelity net shows the prompt's content) {_pct(m['fidelity'])}"]  # fmt: skip
+        for a in ATTRIBUTES:
+            lines.append(f"- {a}: train/eval classifier agreement {_pct(m[a]['agreement'])}, mean confidence "
+                         f"{m[a]['confidence_train']:.3f} / {m[a]['confidence_eval']:.3f}")  # fmt: skip
+    return atomic_write_text(out_dir / "CARD.md", "\n".join(lines) + "\n")

@@ -1,0 +1,197 @@
+"""The synthetic world's shipped nets (assets/synthetic-nets) behind the model protocols, on fresh renders."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fairdiff_ray.config import ClassifierConfig, FacesConfig, FeaturesConfig
+from fairdiff_ray.errors import ModelFileError
+from fairdiff_ray.models.classifiers import build_classifier, classify_images
+from fairdiff_ray.models.faces import build_detector
+from fairdiff_ray.models.features import build_features
+from fairdiff_ray.models.protocols import AttributeClassifier, FaceDetector, ImageFeatures
+from fairdiff_ray.synthetic import world
+from fairdiff_ray.synthetic.nets import augment
+from fairdiff_ray.synthetic.render import ATTRIBUTES, N_CONTENT, render, sample_batch
+from fairdiff_ray.synthetic.train_nets import TrainSpec, box_iou, train_all
+from fairdiff_ray.synthetic.vocab import subjects
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = ("detector", "classifier-train", "classifier-eval", "features", "fidelity")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # small convs spin-wait badly on busy shared cores
+    yield
+    torch.set_num_threads(before)
+
+
+def _renders(n: int, seed: int, size: int = 32, face_prob: float = 1.0) -> tuple[dict, dict]:
+    a = sample_batch(n, seed, face_prob=face_prob)
+    return a, render(a["gender"], a["race"], a["age"], a["content"], seed=seed + 1000, size=size, face=a["face"])
+
+
+@pytest.fixture(scope="module")
+def fresh() -> tuple[dict, dict]:
+    return _renders(240, seed=987_654)  # a seed the training pools (stable_seed-derived) do not use
+
+
+@pytest.fixture(scope="module")
+def detector() -> FaceDetector:
+    return world.load_detector()
+
+
+def test_shipped_files_load_small_and_frozen() -> None:
+    for name in NAMES:
+        weights = world.DEFAULT_DIR / f"{name}.safetensors"
+        assert weights.stat().st_size < 2_000_000, name
+        assert json.loads(weights.with_suffix(".json").read_text())["arch"]["name"] == name
+    nets = {
+        "detector": world.load_detector(),
+        "classifier-train": world.load_classifier(),
+        "classifier-eval": world.load_classifier(variant="eval"),
+        "features": world.load_features(),
+        "fidelity": world.load_fidelity(),
+    }
+    assert isinstance(nets["detector"], FaceDetector)
+    for v in ("classifier-train", "classifier-eval"):
+        c = nets[v]
+        assert isinstance(c, AttributeClassifier)
+        assert c.attributes == ATTRIBUTES and c.input_size == 32 and c.crop_expand == 0.5
+    assert isinstance(nets["features"], ImageFeatures) and nets["features"].name == "synthetic"
+    for net in nets.values():
+        assert not net.training and not any(p.requires_grad for p in net.parameters())
+    # METHOD.md 6: the eval-time classifier is a different net, not a copy.
+    assert nets["classifier-train"].arch["widths"] != nets["classifier-eval"].arch["widths"]
+
+
+def test_detector_boxes_landmarks_and_no_faces(detector: FaceDetector, fresh) -> None:
+    _, r = fresh
+    images = r["images"].clone().requires_grad_(True)
+    faces = detector.detect(images)
+    assert not faces.boxes.requires_grad and faces.found.dtype == torch.bool
+    assert faces.found.all()
+    iou = box_iou(faces.boxes, r["boxes"])
+    assert (iou > 0.7).float().mean() > 0.95
+    assert (faces.landmarks - r["landmarks"]).norm(dim=-1).mean() < 1.0
+    # the same scenes without a face: nothing found, rows are zeros
+    a, _ = fresh
+    empty = render(a["gender"], a["race"], a["age"], a["content"], seed=987_654 + 1000, face=np.zeros(240, bool))
+    none = detector.detect(empty["images"])
+    assert none.found.float().mean() <= 0.01
+    assert (none.boxes[~none.found] == 0).all()
+
+
+def test_detector_other_sizes_and_corruption(detector: FaceDetector) -> None:
+    _, r = _renders(64, seed=4242, size=64)  # the same geometry at twice the resolution
+    faces = detector.detect(r["images"])
+    assert faces.found.all() and (box_iou(faces.boxes, r["boxes"]) > 0.7).float().mean() > 0.95
+    _, r = _renders(128, seed=77)
+    faces = detector.detect(augment(r["images"], torch.Generator().manual_seed(0)))
+    assert (faces.found & (box_iou(faces.boxes, r["boxes"]) > 0.7)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("variant", ["train", "eval"])
+def test_classifier_accuracy_through_detect_crop_classify(detector, fresh, variant: str) -> None:
+    a, r = fresh
+    clf = world.load_classifier(variant=variant)
+    faces, logits = classify_images(r["images"], detector, clf)
+    assert faces.found.all()
+    for attr, names in ATTRIBUTES.items():
+        assert logits[attr].shape == (240, len(names))
+        acc = (logits[attr].argmax(-1).numpy() == a[attr]).mean()
+        assert acc > 0.95, (variant, attr, acc)
+
+
+def test_classifier_logits_carry_gradients_to_pixels(detector, fresh) -> None:
+    _, r = fresh
+    images = r["images"][:8].clone().requires_grad_(True)
+    faces, logits = classify_images(images, detector, world.load_classifier())
+    logits["gender"][:, 0].sum().backward()
+    g = images.grad.abs().sum(1)  # (B, H, W)
+    assert torch.isfinite(g).all() and (g.flatten(1).sum(1) > 0).all()
+    # the gradient lives in the face crop: pixels far outside the expanded box get none
+    b = faces.boxes[0]
+    side = float(torch.maximum(b[2] - b[0], b[3] - b[1])) * 1.5
+    cx, cy = float(b[0] + b[2]) / 2, float(b[1] + b[3]) / 2
+    yy, xx = torch.meshgrid(torch.arange(32) + 0.5, torch.arange(32) + 0.5, indexing="ij")
+    outside = ((xx - cx).abs() > side / 2 + 1) | ((yy - cy).abs() > side / 2 + 1)
+    if outside.any():
+        assert g[0][outside].max() == 0
+
+
+def test_features_normalised_differentiable_and_semantic() -> None:
+    net = world.load_features()
+    n = 96
+    a = sample_batch(n, 31)
+    content = np.repeat(np.arange(4), n // 4)
+    r = render(a["gender"], a["race"], a["age"], content, seed=32)
+    x = r["images"].clone().requires_grad_(True)
+    e = net(x)
+    assert e.shape[0] == n and e.ndim == 2
+    assert torch.allclose(e.norm(dim=-1), torch.ones(n), atol=1e-5)
+    e[:, 0].sum().backward()
+    assert x.grad.abs().sum() > 0
+    sim = (e @ e.T).detach()
+    same = torch.from_numpy(content[:, None] == content[None, :]) & ~torch.eye(n, dtype=torch.bool)
+    assert sim[same].mean() > sim[~same.logical_or(torch.eye(n, dtype=torch.bool))].mean() + 0.1
+
+
+def test_fidelity_and_content_class() -> None:
+    net = world.load_fidelity()
+    a, r = _renders(200, seed=555)
+    logits = net(r["images"])
+    assert logits.shape == (200, N_CONTENT)
+    assert (logits.argmax(-1).numpy() == a["content"]).mean() > 0.95
+    s = subjects("occupations")[0]
+    assert world.content_class(s.prompt) == s.content
+
+
+def test_built_from_config() -> None:
+    det = build_detector(FacesConfig(detector="synthetic"))
+    clf = build_classifier(ClassifierConfig(kind="synthetic", variant="eval"))
+    assert isinstance(det, FaceDetector) and clf.arch["name"] == "classifier-eval"
+    assert build_classifier(ClassifierConfig(kind="synthetic")).arch["name"] == "classifier-train"
+    assert set(build_features(FeaturesConfig(synthetic="default"))) == {"synthetic"}
+    # a path may name the directory or the weights file itself
+    assert world.load_classifier(str(world.DEFAULT_DIR / "classifier-eval.safetensors")).arch["name"] == "classifier-eval"
+
+
+def test_missing_or_broken_weights_are_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError, match=r"detector\.safetensors.*python jobs/train_synthetic_nets\.py"):
+        world.load_detector(str(tmp_path))
+    (tmp_path / "fidelity.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "fidelity.json").write_text(json.dumps({"arch": {"name": "fidelity"}}))
+    with pytest.raises(ModelFileError, match="does not load") as e:
+        world.load_fidelity(str(tmp_path))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="variant"):
+        world.load_classifier(variant="test")
+
+
+def _weights(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.glob("*.safetensors"))}
+
+
+def test_training_is_seeded_and_the_job_writes_everything(tmp_path: Path) -> None:
+    spec = TrainSpec(scale=0.004, test=5000)  # a few renders and steps: this checks plumbing, not accuracy
+    train_all(tmp_path / "a", spec, log=lambda _: None)
+    train_all(tmp_path / "b", spec, log=lambda _: None)
+    assert _weights(tmp_path / "a") == _weights(tmp_path / "b") and len(_weights(tmp_path / "a")) == 5
+    job = importlib.util.spec_from_file_location("job", ROOT / "jobs" / "train_synthetic_nets.py")
+    mod = importlib.util.module_from_spec(job)
+    job.loader.exec_module(mod)
+    out = tmp_path / "job"
+    assert mod.main(["--out", str(out), "--scale", "0.004"]) == 0
+    assert {p.name for p in out.iterdir()} >= {f"{n}.safetensors" for n in NAMES} | {"metrics.json", "CARD.md"}
+    world.load_classifier(str(out), variant="eval")  # what the job wrote loads
+    with pytest.raises(Exception, match="already exists"):
+        mod.main(["--out", str(out), "--scale", "0.004"])
