@@ -81,8 +81,8 @@ def deepspeed_config(cfg: FairDiffConfig, micro_steps: int, world_size: int) -> 
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if tr.max_grad_norm is not None:
-        conf["gradient_clipping"] = tr.max_grad_norm
+    # explicit: DeepSpeed's own default clips at 1.0
+    conf["gradient_clipping"] = float(tr.max_grad_norm) if tr.max_grad_norm is not None else 0.0
     if ds.precision == "bf16":
         conf["bf16"] = {"enabled": True, "check_grad_overflow": True}
     elif ds.precision == "fp16":

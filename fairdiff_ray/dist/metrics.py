@@ -16,7 +16,7 @@ from typing import Any
 
 from ray.train import UserCallback
 
-PROGRESS_KEYS = ("loss", "loss/align", "loss/img", "loss/face")
+PROGRESS_KEYS = ("loss/total", "loss/align", "loss/img", "loss/face")
 
 
 def _clean(v: Any) -> Any:

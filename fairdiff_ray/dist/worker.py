@@ -256,7 +256,8 @@ class Worker:
     def _step_metrics(self, parts: dict[str, float], stats: dict[str, list[float]], n_prompts: int, applied: bool,
                       steps: int, n_global: int, t0: float) -> dict[str, float]:
         total = all_sum(parts)  # each rank's share is already divided by the global N
-        m: dict[str, float] = {("loss" if k == "loss" else "loss/" + k.removeprefix("loss_")): v
+        # "loss/total" rather than "loss": Tune reads "/" as nesting, and "loss" would clash with "loss/align"
+        m: dict[str, float] = {("loss/total" if k == "loss" else "loss/" + k.removeprefix("loss_")): v
                                for k, v in total.items()}
         for k, vals in stats.items():
             good = [v for v in vals if not math.isnan(v)]

@@ -1,0 +1,139 @@
+"""`ray job submit` against a real local Ray head started with token authentication (RAY_AUTH_MODE=token,
+token from `ray get-auth-token --generate`): jobs/debias.py trains the tiny SD model for a few steps, the job
+succeeds and the exported adaptor loads. A submission with a wrong token is refused.
+
+The head runs under a private HOME (its token file lives there) and is stopped through its own
+`ray start --block` process, never with `ray stop` (which would stop every Ray cluster of the user)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests._helpers_train import write_prompts
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_jobs_api(url: str, env: dict, timeout: float = 180) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        r = subprocess.run([RAY, "job", "list", "--address", url], env=env, capture_output=True, text=True)
+        if r.returncode == 0:
+            return
+        time.sleep(3)
+    raise TimeoutError(f"the Jobs API at {url} did not come up: {r.stderr[-2000:]}")
+
+
+@pytest.fixture
+def head(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
+           "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    token = subprocess.run([RAY, "get-auth-token", "--generate"], env=env, capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert token and (home / ".ray" / "auth_token").read_text().strip() == token
+    port, dash = _free_port(), _free_port()
+    proc = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=4",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        _wait_for_jobs_api(url, env)
+        yield url, env, token
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # only the processes this head started
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _job_config(tmp_path: Path) -> Path:
+    from fairdiff_ray.models.sd import save_tiny_model
+    from tests._helpers_train import WORDS
+
+    model = save_tiny_model(tmp_path / "model", words=WORDS)
+    cfg = {
+        "run": {"name": "job", "storage": str(tmp_path / "runs")},
+        "model": {"path": str(model)},
+        "faces": {"detector": "dlib"},
+        "classifier": {"kind": "dlib"},
+        "target": {"gender": {"classes": ["female", "male"], "probs": [0.5, 0.5]}},
+        "adaptor": {"kind": "text_lora", "rank": 2},
+        "sampler": {"scheduler": "ddim", "steps": 2, "steps_jitter": 0},
+        "loss": {"lambda_img": 0.0, "lambda_face": 0.0},
+        "train": {"steps": 2, "images_per_prompt": 2, "chunk_size": 2, "checkpoint_every": 1},
+        "data": {"prompt_sets": [{"path": str(write_prompts(tmp_path / "prompts.jsonl"))}]},
+        "ray": {"num_workers": 1, "cpus_per_worker": 1},
+        "deepspeed": {"zero_stage": 0},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_cluster_yaml_matches_the_autoscaler_schema():
+    """cluster.yaml validates against the JSON schema the installed ray ships (ray/autoscaler/ray-schema.json)."""
+    import jsonschema
+    import ray
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    jsonschema.validate(cluster, schema)
+    image = cluster["docker"]["image"]
+    assert image.startswith(f"rayproject/ray:{ray.__version__}-py311-"), image
+    assert cluster["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    starts = cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    bad = {**cluster, "provider": {**cluster["provider"], "type": 42}}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+@pytest.mark.slow
+def test_debias_job_submitted_with_token_auth(head, tmp_path):
+    url, env, token = head
+    config = _job_config(tmp_path)
+    entry = [sys.executable, str(REPO / "jobs" / "debias.py"), "--config", str(config)]
+    bad = {**env, "RAY_AUTH_TOKEN": "not-the-token"}
+    refused = subprocess.run([RAY, "job", "submit", "--address", url, "--", *entry], env=bad,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0
+    r = subprocess.run([RAY, "job", "submit", "--address", url, "--", *entry], env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "succeeded" in (r.stdout + r.stderr)
+    adaptor = tmp_path / "runs" / "job" / "adaptor"
+    assert f"adaptor: {adaptor}" in r.stdout
+    finished = json.loads((tmp_path / "runs" / "job" / "finished.json").read_text())
+    assert finished["steps"] == 2
+
+    from fairdiff_ray.models.adaptors import load_adaptor
+    from fairdiff_ray.models.sd import load_components
+
+    loaded = load_adaptor(load_components(str(tmp_path / "model")), str(adaptor))
+    assert loaded.kind == "text_lora" and loaded.trainable_parameters()
+    # the finished run is not clobbered: one line, exit 2, nothing written
+    again = subprocess.run([sys.executable, str(REPO / "jobs" / "debias.py"), "--config", str(config)],
+                           env={**env, "RAY_ADDRESS": url}, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "already finished" in again.stderr and len(again.stderr.splitlines()) == 1

@@ -1,0 +1,110 @@
+"""The worker loop in one process (world size 1, gloo), on the tiny SD model: the gradient path, the
+non-finite-gradient skip, the two backward schedules, seeds and the DeepSpeed config."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from fairdiff_ray.dist.engine import deepspeed_config
+from fairdiff_ray.dist.worker import Worker, image_seeds, num_sampling_steps
+from tests._helpers_train import builders, tiny_config
+
+PROMPT = "a photo of the face of a nurse"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def process_group():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    torch.set_num_threads(1)
+    if not dist.is_initialized():
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29400 + os.getpid() % 500))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+
+
+def _worker(tmp_path, *overrides: str) -> Worker:
+    return Worker(tiny_config(tmp_path, *overrides), torch.device("cpu"), builders())
+
+
+def _snapshot(w: Worker) -> dict[str, torch.Tensor]:
+    return {k: p.detach().clone() for k, p in w.adaptor.named_parameters().items()}
+
+
+def test_step_trains_only_the_adaptor(tmp_path):
+    w = _worker(tmp_path, "deepspeed.enabled=false")
+    frozen = {k: v.clone() for k, v in w.comp.unet.state_dict().items() if "lora" not in k}
+    before, ema_before = _snapshot(w), {k: v.clone() for k, v in w.adaptor.ema.items()}
+    out = w.train_step([PROMPT], step=0)
+    w.train_step([PROMPT], step=1)  # LoRA B starts at 0, so A only moves from the second step on
+    after = _snapshot(w)
+    assert out.metrics["applied"] == 1.0 and out.metrics["loss/align"] > 0
+    assert all(float((after[k] - before[k]).abs().max()) > 0 for k in after)  # every adaptor weight moved
+    assert any(float((w.adaptor.ema[k] - ema_before[k]).abs().max()) > 0 for k in after)
+    for k, v in w.comp.unet.state_dict().items():  # the base model did not
+        if k in frozen:
+            assert torch.equal(v, frozen[k]), k
+    assert sorted(out.targets) == ["gender"] and out.targets["gender"].shape == (4,)
+
+
+@pytest.mark.parametrize("engine", ["deepspeed.zero_stage=0", "deepspeed.zero_stage=2", "deepspeed.enabled=false"])
+def test_non_finite_gradient_skips_optimizer_and_ema(tmp_path, engine):
+    w = _worker(tmp_path, engine)
+    w.train_step([PROMPT], step=0)
+    before, ema_before = _snapshot(w), {k: v.clone() for k, v in w.adaptor.ema.items()}
+    p = w.adaptor.trainable_parameters()[0]
+    handle = p.register_hook(lambda g: torch.full_like(g, float("nan")))
+    out = w.train_step([PROMPT], step=1)
+    handle.remove()
+    assert out.metrics["applied"] == 0.0 and out.metrics["skipped"] == 1.0
+    for k, v in _snapshot(w).items():
+        assert torch.equal(v, before[k]), k
+        assert torch.equal(w.adaptor.ema[k], ema_before[k]), k
+    out = w.train_step([PROMPT], step=2)  # and training goes on
+    assert out.metrics["applied"] == 1.0 and out.metrics["skipped"] == 1.0
+    assert all(torch.isfinite(v).all() for v in _snapshot(w).values())
+    assert any(not torch.equal(v, before[k]) for k, v in _snapshot(w).items())
+
+
+def test_fused_and_reference_schedules_give_the_same_update(tmp_path):
+    states = []
+    for schedule in ("fused", "reference"):
+        w = _worker(tmp_path, "deepspeed.enabled=false", f"train.schedule={schedule}")
+        for step in range(2):
+            m = w.train_step([PROMPT], step=step).metrics
+        states.append((_snapshot(w), m["loss/total"]))
+    (a, la), (b, lb) = states
+    assert la == pytest.approx(lb, abs=1e-6)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_seeds_and_step_counts():
+    cfg = tiny_config_no_files()
+    # the global image index, not the rank, picks the noise: rank r of W owns rows [r n, (r + 1) n)
+    assert image_seeds(cfg, 5, 0, range(4)) == image_seeds(cfg, 5, 0, range(2)) + image_seeds(cfg, 5, 0, range(2, 4))
+    assert image_seeds(cfg, 5, 0, range(2)) != image_seeds(cfg, 6, 0, range(2))
+    steps = [num_sampling_steps(cfg, s) for s in range(200)]
+    assert set(steps) == {19, 20, 21, 22, 18} and steps == [num_sampling_steps(cfg, s) for s in range(200)]
+
+
+def tiny_config_no_files():
+    from fairdiff_ray.config import load_config
+
+    return load_config(None, ["sampler.steps=20", "sampler.steps_jitter=2"])
+
+
+def test_deepspeed_config_follows_the_run_config():
+    from fairdiff_ray.config import load_config
+
+    cfg = load_config(None, ["deepspeed.zero_stage=3", "deepspeed.precision=bf16", "deepspeed.offload_optimizer=true",
+                             "train.chunk_size=4", "train.max_grad_norm=1.0", "train.lr=0.001"])
+    c = deepspeed_config(cfg, micro_steps=3, world_size=2)
+    assert c["train_batch_size"] == 4 * 3 * 2 and c["gradient_accumulation_steps"] == 3
+    assert c["zero_optimization"]["stage"] == 3 and c["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert c["bf16"]["enabled"] and c["gradient_clipping"] == 1.0 and c["optimizer"]["params"]["lr"] == 0.001
+    with pytest.raises(ValueError, match="zero_stage >= 1"):
+        deepspeed_config(load_config(None, ["deepspeed.offload_optimizer=true"]), 1, 1)
