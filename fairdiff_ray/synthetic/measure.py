@@ -83,8 +83,36 @@ def generate(pipe, prompt: str, n: int, steps: int, guidance: float) -> torch.Te
     return out.images * 2 - 1
 
 
+def probe_labeler(probe: Probe):
+    """images -> ({head: (B, K) probabilities}, found (B,) bool); the whole-image probe always 'finds' a face."""
+
+    def label(x: torch.Tensor):
+        with torch.no_grad():
+            return {k: F.softmax(v, 1) for k, v in probe(x).items()}, torch.ones(x.shape[0], dtype=torch.bool)
+
+    return label
+
+
+def world_labeler(variant: str = "eval"):
+    """The synthetic world's own nets (synthetic/world.py): detector -> crop -> classifier, plus fidelity."""
+    from fairdiff_ray.core.crop import crop_square
+    from fairdiff_ray.synthetic.world import load_classifier, load_detector, load_fidelity
+
+    det, clf, fid = load_detector(), load_classifier(variant=variant), load_fidelity()
+
+    def label(x: torch.Tensor):
+        with torch.no_grad():
+            faces = det.detect(x)
+            crops = crop_square(x, faces.boxes, expand=clf.crop_expand, size=clf.input_size)
+            probs = {k: F.softmax(v, 1) for k, v in clf(crops).items()}
+            probs["content"] = F.softmax(fid(x), 1)
+        return probs, faces.found
+
+    return label
+
+
 def measure(model_dir: str, images: int = 16, steps: int = 20, guidance: float = 7.5, probe_steps: int = 600,
-            probe_path: str | None = None) -> dict:  # fmt: skip
+            probe_path: str | None = None, world: bool = False) -> dict:  # fmt: skip
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
@@ -101,21 +129,28 @@ def measure(model_dir: str, images: int = 16, steps: int = 20, guidance: float =
         post = pipe.vae.encode(x).latent_dist.mean
         recon = pipe.vae.decode(post).sample.clamp(-1, 1)
     res: dict = {"probe_acc_renders": probe_accuracy(probe, x, y), "probe_acc_vae_roundtrip": probe_accuracy(probe, recon, y)}
+    labelers = {"probe": probe_labeler(probe)}
+    if world:
+        labelers["world_eval_nets"] = world_labeler("eval")
     test: list[Subject] = [s for s in subjects() if s.split == "test"]
-    rows = []
+    rows: dict[str, list] = {k: [] for k in labelers}
     for s in test:
-        with torch.no_grad():
-            probs = {k: F.softmax(v, 1) for k, v in probe(generate(pipe, s.prompt, images, steps, guidance)).items()}
-        freq = {k: np.bincount(p.argmax(1).numpy(), minlength=p.shape[1]) / images for k, p in probs.items()}
-        conf = {k: float(p.max(1).values.mean()) for k, p in probs.items()}
-        rows.append((s, freq, conf))
-    res["concepts"] = {c: _summary([r for r in rows if r[0].concept == c]) for c in sorted({s.concept for s in test})}
+        gen = generate(pipe, s.prompt, images, steps, guidance)
+        for name, label in labelers.items():
+            probs, found = label(gen)
+            n = max(1, int(found.sum()))
+            freq = {k: np.bincount(p[found].argmax(1).numpy(), minlength=p.shape[1]) / n for k, p in probs.items()}
+            freq["content"] = np.bincount(probs["content"].argmax(1).numpy(), minlength=N_CONTENT) / images
+            conf = {k: float(p[found].max(1).values.mean()) if found.any() else float("nan") for k, p in probs.items()}
+            rows[name].append((s, freq, conf, float(found.float().mean())))
+    concepts = sorted({s.concept for s in test})
+    res["labelers"] = {k: {c: _summary([r for r in v if r[0].concept == c]) for c in concepts} for k, v in rows.items()}
     res["setup"] = {"images_per_prompt": images, "steps": steps, "guidance": guidance, "scheduler": "dpmsolver++"}
     return res
 
 
 def _summary(rows: list) -> dict:
-    out: dict = {"prompts": len(rows)}
+    out: dict = {"prompts": len(rows), "face_found": float(np.mean([r[3] for r in rows]))}
     for a in ATTRIBUTES:
         gen = np.array([r[1][a] for r in rows])
         pre = np.array([r[0].probs[a] for r in rows])
@@ -175,21 +210,28 @@ def card_text(model_dir: str, res: dict, train_minutes: tuple[float, float] | No
         " majority = fraction of prompts whose generated majority class is the pretraining majority;"
         " |freq err| = mean absolute difference of class frequencies; conf = probe's mean max probability.",
         "",
-        "| concept | prompts | attribute | bias generated | bias pretraining | majority | freq err |"
-        " freq generated | freq pretraining | conf |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for c, r in res["concepts"].items():
-        for a in ATTRIBUTES:
-            x = r[a]
-            lines.append(
-                f"| {c} | {r['prompts']} | {a} | {x['bias_generated']:.3f} | {x['bias_pretraining']:.3f} |"
-                f" {x['majority_agrees']:.2f} | {x['mean_abs_freq_error']:.3f} | {x['freq_generated']} |"
-                f" {x['freq_pretraining']} | {x['probe_confidence']:.3f} |"
-            )
-    lines += ["", "Prompt fidelity (generated shirt = the prompt's content class, by the probe):", ""]
-    for c, r in res["concepts"].items():
-        lines.append(f"- {c}: {r['content_match']:.3f} (probe confidence {r['content_confidence']:.3f})")
+    for name, concepts in res["labelers"].items():
+        lines += [
+            "",
+            f"### Labelled by: {name}",
+            "",
+            "| concept | prompts | attribute | bias generated | bias pretraining | majority | freq err |"
+            " freq generated | freq pretraining | conf |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for c, r in concepts.items():
+            for a in ATTRIBUTES:
+                x = r[a]
+                lines.append(
+                    f"| {c} | {r['prompts']} | {a} | {x['bias_generated']:.3f} | {x['bias_pretraining']:.3f} |"
+                    f" {x['majority_agrees']:.2f} | {x['mean_abs_freq_error']:.3f} | {x['freq_generated']} |"
+                    f" {x['freq_pretraining']} | {x['probe_confidence']:.3f} |"
+                )
+        lines += ["", "Face found / prompt fidelity (generated shirt = the prompt's content class):", ""]
+        for c, r in concepts.items():
+            lines.append(f"- {c}: face found {r['face_found']:.3f}; content match {r['content_match']:.3f}"
+                         f" (confidence {r['content_confidence']:.3f})")
     return "\n".join(lines) + "\n"
 
 
@@ -200,12 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     p.add_argument("--probe", default=None, help="a saved Probe state dict (default: train one, ~600 steps)")
+    p.add_argument("--world", action="store_true", help="also label with synthetic/world.py's eval nets")
     p.add_argument("--card", action="store_true", help="write MODEL_DIR/CARD.md")
     p.add_argument("--train-minutes", type=float, nargs=2, default=None, metavar=("VAE", "UNET"))
     p.add_argument("--threads", type=int, default=1, help="torch threads (2 spin-wait badly on busy cores)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    res = measure(args.model_dir, args.images, args.steps, probe_path=args.probe)
+    res = measure(args.model_dir, args.images, args.steps, probe_path=args.probe, world=args.world)
     text = json.dumps(res, indent=1)
     print(text)
     if args.out:
