@@ -216,3 +216,18 @@ def test_load_adaptor_errors_are_model_file_errors(model_dir: Path, tmp_path: Pa
     with pytest.raises(ModelFileError, match="pytorch_lora_weights.safetensors is missing"):
         load_adaptor(comp, str(tmp_path / "x"))
     assert not getattr(comp.text_encoder, "peft_config", None)  # nothing was injected on failure
+
+
+def test_lora_dropout_acts_only_in_train_mode(model_dir: Path) -> None:
+    comp = load_components(str(model_dir))
+    ad = attach_adaptor(comp, AdaptorConfig(kind="text_lora", rank=4, dropout=0.5))
+    with torch.no_grad():
+        for k, p in ad.named_parameters().items():
+            if "lora_B" in k:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(ad.encode([PROMPT]), ad.encode([PROMPT]))  # eval mode: dropout off
+        ad.train()
+        assert not torch.equal(ad.encode([PROMPT]), ad.encode([PROMPT]))
+        ad.train(False)
+        assert torch.equal(ad.encode([PROMPT]), ad.encode([PROMPT]))
+    assert not comp.text_encoder.training  # the frozen module itself never leaves eval mode
