@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,9 +53,14 @@ def head(tmp_path):
                            check=True).stdout.strip()
     assert token and (home / ".ray" / "auth_token").read_text().strip() == token
     port, dash = _free_port(), _free_port()
+    # every listening port picked free, so other Ray clusters on this machine do not collide with this one
+    ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+        "ray-client-server-port", "node-manager-port", "object-manager-port")]
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=4",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
+         f"--temp-dir={tempfile.mkdtemp(prefix='ray', dir='/tmp')}", *ports],  # short: socket paths
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     try:
@@ -66,6 +72,17 @@ def head(tmp_path):
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _submit(url: str, entry: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """ray job submit (blocking), retried while the head's job agent is still starting."""
+    t0 = time.time()
+    while True:
+        r = subprocess.run([RAY, "job", "submit", "--address", url, "--", *entry], env=env, capture_output=True,
+                           text=True, timeout=timeout)
+        if "No available agent" not in r.stdout + r.stderr or time.time() - t0 > 180:
+            return r
+        time.sleep(5)
 
 
 def _job_config(tmp_path: Path) -> Path:
@@ -116,11 +133,10 @@ def test_debias_job_submitted_with_token_auth(head, tmp_path):
     config = _job_config(tmp_path)
     entry = [sys.executable, str(REPO / "jobs" / "debias.py"), "--config", str(config)]
     bad = {**env, "RAY_AUTH_TOKEN": "not-the-token"}
-    refused = subprocess.run([RAY, "job", "submit", "--address", url, "--", *entry], env=bad,
-                             capture_output=True, text=True, timeout=300)
+    refused = _submit(url, entry, bad, timeout=300)
     assert refused.returncode != 0
-    r = subprocess.run([RAY, "job", "submit", "--address", url, "--", *entry], env=env, capture_output=True,
-                       text=True, timeout=900)
+    assert any(w in (refused.stdout + refused.stderr).lower() for w in ("401", "unauthori", "auth")), refused.stderr
+    r = _submit(url, entry, env, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in (r.stdout + r.stderr)
     adaptor = tmp_path / "runs" / "job" / "adaptor"
