@@ -65,7 +65,7 @@ def test_tiny_model_ray_pipeline_matches_local(tiny: Path, tmp_path: Path) -> No
     cfg = cfg_for(tiny, "eval.cpus_per_actor=0.5")
     run_evaluation(cfg, {}, tmp_path / "local", executor="local", report=False,
                    score_loader=standin_score_loader, log=lambda s: None)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never join a running cluster
     try:
         run_evaluation(cfg, {}, tmp_path / "ray", executor="ray", report=True,
                        score_loader=standin_score_loader, log=lambda s: None)
