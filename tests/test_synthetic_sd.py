@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from fairdiff_ray.synthetic.render import ATTRIBUTES, N_CONTENT
 from fairdiff_ray.synthetic.vocab import (
@@ -56,6 +57,23 @@ def test_prompt_files_match_the_vocabulary(tmp_path) -> None:
         assert all(set(r) == {"concept", "prompt", "split", "subject"} and r["concept"] == c for r in rows)
 
 
+def test_word_tokenizer_keeps_every_vocabulary_word_whole(tmp_path) -> None:
+    from transformers import CLIPTokenizer
+
+    from fairdiff_ray.synthetic.vocab import build_word_tokenizer, vocabulary_words
+
+    tok = build_word_tokenizer()
+    words = vocabulary_words()
+    assert all(len(tok(w, add_special_tokens=False).input_ids) == 1 for w in words)
+    longest = max((s.prompt for s in subjects()), key=lambda p: len(p.split()))
+    ids = tok(longest).input_ids
+    assert len(ids) == len(longest.replace(",", " ,").split()) + 2  # one token per word and comma, plus bos/eos
+    assert ids[0] == len(tok) - 2 and ids[-1] == len(tok) - 1
+    tok.save_pretrained(tmp_path)
+    assert CLIPTokenizer.from_pretrained(tmp_path)(longest).input_ids == ids
+    assert len(tok("a zebra astronaut").input_ids) > 4  # unknown words fall back to pieces, never fail
+
+
 def test_content_class_of_prompts() -> None:
     s = subjects("sports")[3]
     assert subject_of_prompt(s.prompt) == s and content_class(s.prompt) == s.content
@@ -63,3 +81,89 @@ def test_content_class_of_prompts() -> None:
     longer = "A photo of the face of a nurse, a person, oil painting"
     assert content_class(longer) == content_class("A photo of the face of a nurse, a person")
     assert 0 <= content_class("something else entirely") < N_CONTENT
+
+
+# ------------------------------------------------------------------------------------------ pretraining code
+def test_pretraining_draws_follow_each_subjects_distribution() -> None:
+    from fairdiff_ray.synthetic.pretrain import draw_attributes
+
+    s = subjects("occupations")[0]
+    a = draw_attributes([s] * 20000, seed=1)
+    for name, p in s.probs.items():
+        freq = np.bincount(a[name], minlength=len(p)) / 20000
+        assert np.abs(freq - np.array(p)).max() < 0.015, (name, freq, p)
+    assert (a["content"] == s.content).all()
+
+
+def test_pretraining_batch_is_deterministic() -> None:
+    import torch
+
+    from fairdiff_ray.synthetic.pretrain import pretraining_batch
+
+    ss = subjects()
+    i1, x1 = pretraining_batch(ss, 8, seed=3)
+    i2, x2 = pretraining_batch(ss, 8, seed=3)
+    i3, x3 = pretraining_batch(ss, 8, seed=4)
+    assert i1 == i2 and torch.equal(x1, x2) and not torch.equal(x1, x3)
+    assert x1.shape == (8, 3, 32, 32)
+
+
+def test_spec_overrides() -> None:
+    from fairdiff_ray.synthetic.pretrain import spec_from_overrides
+
+    spec = spec_from_overrides({"steps": "10", "unet_channels": "(16,32)", "lr": "0.01", "cross_attn_levels": "true,true"})
+    assert spec.steps == 10 and spec.unet_channels == (16, 32) and spec.lr == 0.01 and spec.cross_attn_levels == (True, True)
+    with pytest.raises(KeyError, match="stepz"):
+        spec_from_overrides({"stepz": "1"})
+
+
+# ------------------------------------------------------------------------------------------ the shipped model
+def _stock_pipeline(path: Path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _generate(pipe, prompt: str, n: int, steps: int = 4):
+    import torch
+
+    from fairdiff_ray.core.seeding import noise_from_seeds, stable_seed
+
+    c = pipe.unet.config
+    latents = noise_from_seeds([stable_seed(prompt, j) for j in range(n)], (c.in_channels, c.sample_size, c.sample_size))
+    with torch.no_grad():
+        return pipe(prompt=[prompt] * n, latents=latents, num_inference_steps=steps, guidance_scale=7.5, output_type="pt").images
+
+
+def test_shipped_model_loads_with_stock_pipeline_and_generates() -> None:
+    path = ROOT / "assets" / "synthetic-sd"
+    index = json.loads((path / "model_index.json").read_text())
+    assert index["safety_checker"] == [None, None] and index["feature_extractor"] == [None, None]
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size <= 25 * 2**20 and list(path.rglob("*.safetensors")) and not list(path.rglob("*.bin"))
+    pipe = _stock_pipeline(path)
+    assert pipe.vae.config.scaling_factor != 0.18215  # measured on the synthetic latents, not SD's constant
+    prompt = subjects("occupations")[0].prompt
+    assert len(pipe.tokenizer(prompt).input_ids) < pipe.tokenizer.model_max_length  # every word is one token
+    a, b = _generate(pipe, prompt, 3), _generate(pipe, prompt, 3)
+    assert a.shape == (3, 3, 32, 32) and 0 <= a.min() and a.max() <= 1
+    assert (a - b).abs().max() < 1e-5 and a.std() > 0.05  # deterministic per seed, not a blank image
+
+
+@pytest.mark.slow
+def test_pretraining_smoke_run_through_ray(tmp_path) -> None:
+    """The job's code path (Ray Train worker, checkpoints, stock save) at toy sizes."""
+    from fairdiff_ray.synthetic.pretrain import run_pretraining, spec_from_overrides
+
+    spec = spec_from_overrides(
+        {"vae_channels": "8,8,8", "unet_channels": "8,16", "text_hidden": "16", "text_layers": "1", "vae_steps": "2",
+         "vae_batch": "4", "n_latents": "16", "steps": "2", "batch": "4", "report_every": "1", "checkpoint_every": "1"}
+    )  # fmt: skip
+    out = run_pretraining(spec, tmp_path / "sd", storage=str(tmp_path / "store"), name="smoke")
+    assert json.loads((out / "pretrain_spec.json").read_text())["steps"] == 2
+    pipe = _stock_pipeline(out)
+    assert pipe.unet.config.block_out_channels == [8, 16] and pipe.unet.config.sample_size == 8
+    assert _generate(pipe, subjects("sports")[0].prompt, 2, steps=2).shape == (2, 3, 32, 32)
+    assert not (tmp_path / "sd.tmp").exists()

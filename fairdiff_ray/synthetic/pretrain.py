@@ -58,6 +58,7 @@ class PretrainSpec:
     ema_decay: float = 0.998
     report_every: int = 100
     checkpoint_every: int = 400
+    init_from: str = ""  # a state.pt of an earlier run's checkpoint to continue from when this run has none
 
 
 def spec_from_overrides(overrides: dict[str, str]) -> PretrainSpec:
@@ -319,6 +320,8 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.set_num_threads(spec.threads)
     comp = build_components(spec)
     state = _load_state()
+    if state is None and spec.init_from:
+        state = torch.load(spec.init_from, weights_only=True)
     if state is not None:
         comp["vae"].load_state_dict(state["vae"])
         if state["stage"] in ("unet", "done"):
