@@ -90,6 +90,15 @@ def test_detector_boxes_landmarks_and_no_faces(detector: FaceDetector, fresh) ->
     assert (none.boxes[~none.found] == 0).all()
 
 
+def test_detector_ignores_noise_and_scrambled_portraits(detector: FaceDetector, fresh) -> None:
+    g = torch.Generator().manual_seed(123)
+    noise = (torch.randn(100, 3, 32, 32, generator=g) * torch.linspace(0.1, 1.5, 100).view(-1, 1, 1, 1)).clamp(-1, 1)
+    assert detector.detect(noise).found.float().mean() <= 0.02
+    _, r = fresh
+    scrambled = r["images"].flatten(2)[:, :, torch.randperm(1024, generator=g)].view_as(r["images"])
+    assert detector.detect(scrambled).found.float().mean() <= 0.02
+
+
 def test_detector_other_sizes_and_corruption(detector: FaceDetector) -> None:
     _, r = _renders(64, seed=4242, size=64)  # the same geometry at twice the resolution
     faces = detector.detect(r["images"])

@@ -306,14 +306,30 @@ def _batch(pool: Pool, g: torch.Generator, n: int, strength: float) -> tuple[Poo
     return sub, augment(sub.images, g, strength)
 
 
-def detector_loss(net: ConvNet, pool: Pool, batch: int = 128, strength: float = 1.0):
-    """BCE on face presence; smooth-L1 (pixels) on the box and landmarks of images with a face."""
+def clutter(like: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Faceless images that are not renders, one per row of ``like`` (B, 3, H, W): coloured Gaussian noise at a
+    random scale and blur (what an untrained diffusion model draws), or ``like``'s pixels spatially shuffled
+    (a render's colours without its structure)."""
+    b = like.shape[0]
+    u = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
+    noise = torch.randn(like.shape, generator=g) * (0.1 + 1.4 * u(b, 1, 1, 1)) + (u(b, 3, 1, 1) - 0.5)
+    noise = _gaussian_blur(noise, u(b) * 2.0)
+    shuffled = like.flatten(2)[:, :, torch.randperm(like[0, 0].numel(), generator=g)].view_as(like)
+    return torch.where(u(b, 1, 1, 1) < 0.5, noise, shuffled).clamp(-1, 1)
+
+
+def detector_loss(net: ConvNet, pool: Pool, batch: int = 128, strength: float = 1.0, clutter_frac: float = 0.2):
+    """BCE on face presence; smooth-L1 (pixels) on the box and landmarks of images with a face. A fraction of
+    every batch is replaced by ``clutter`` (no face), so anything that is not a face scores low, not only
+    faceless renders."""
 
     def loss_fn(g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         sub, x = _batch(pool, g, batch, strength)
+        k = int(batch * clutter_frac)
+        x = torch.cat([clutter(x[:k], g), x[k:]])
+        f = torch.cat([torch.zeros(k, dtype=torch.bool), sub.face[k:]])
         out = net(x)
-        bce = F.binary_cross_entropy_with_logits(out["score"][:, 0], sub.face.float())
-        f = sub.face
+        bce = F.binary_cross_entropy_with_logits(out["score"][:, 0], f.float())
         geo = torch.tensor(0.0)
         if f.any():
             pred = torch.cat([out["box"], out["landmarks"]], dim=1)[f] * SIZE

@@ -27,6 +27,7 @@ from fairdiff_ray.synthetic.nets import (
     augment,
     build_net,
     classifier_loss,
+    clutter,
     detector_loss,
     features_loss,
     fidelity_loss,
@@ -80,6 +81,7 @@ def measure_detector(detector: SyntheticDetector, pool: Pool, augmented: bool = 
         "mean_iou": iou.mean().item(),
         "landmark_err_px": lm_err.mean().item(),
         "false_positive": faces.found[~f].float().mean().item() if (~f).any() else 0.0,
+        "false_positive_clutter": detector.detect(clutter(x, torch.Generator().manual_seed(seed + 1))).found.float().mean().item(),
     }
 
 
@@ -242,7 +244,8 @@ def write_card(out_dir: str | Path, metrics: dict, on_model: dict | None = None)
         f"- detector: recall {_pct(d['clean']['recall'])} / {_pct(d['augmented']['recall'])}, IoU > 0.7 "
         f"{_pct(d['clean']['iou_gt_0.7'])} / {_pct(d['augmented']['iou_gt_0.7'])}, mean IoU "
         f"{d['clean']['mean_iou']:.3f}, landmark error {d['clean']['landmark_err_px']:.2f} px, false positives "
-        f"on no-face renders {_pct(d['clean']['false_positive'])} / {_pct(d['augmented']['false_positive'])}",
+        f"on no-face renders {_pct(d['clean']['false_positive'])} / {_pct(d['augmented']['false_positive'])}, "
+        f"on noise / pixel-shuffled images {_pct(d['clean']['false_positive_clutter'])}",
     ]
     for name in ("classifier-train", "classifier-eval"):
         m = metrics[name]
