@@ -167,3 +167,27 @@ def test_pretraining_smoke_run_through_ray(tmp_path) -> None:
     assert pipe.unet.config.block_out_channels == [8, 16] and pipe.unet.config.sample_size == 8
     assert _generate(pipe, subjects("sports")[0].prompt, 2, steps=2).shape == (2, 3, 32, 32)
     assert not (tmp_path / "sd.tmp").exists()
+
+
+def test_shipped_model_reproduces_the_pretraining_bias() -> None:
+    """Generated attributes, labelled by the world's eval nets, follow the subject's skewed distribution."""
+    import torch
+    import torch.nn.functional as F
+
+    from fairdiff_ray.core.crop import crop_square
+    from fairdiff_ray.synthetic.world import load_classifier, load_detector, load_fidelity
+
+    pipe = _stock_pipeline(ROOT / "assets" / "synthetic-sd")
+    det, clf, fid = load_detector(), load_classifier(variant="eval"), load_fidelity()
+    test = [s for s in subjects("occupations") if s.split == "test"]
+    female = max(test, key=lambda s: s.probs["gender"][0])
+    male = max(test, key=lambda s: s.probs["gender"][1])
+    for s, majority in ((female, 0), (male, 1)):
+        x = _generate(pipe, s.prompt, 12, steps=15) * 2 - 1
+        with torch.no_grad():
+            faces = det.detect(x)
+            g = clf(crop_square(x, faces.boxes, expand=clf.crop_expand, size=clf.input_size))["gender"].argmax(1)
+            content = F.softmax(fid(x), 1).argmax(1)
+        assert faces.found.float().mean() >= 0.9
+        assert (g[faces.found] == majority).float().mean() >= 0.75, (s.subject, g.tolist())
+        assert (content == s.content).float().mean() >= 0.75

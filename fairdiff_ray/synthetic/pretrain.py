@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -347,7 +348,10 @@ def run_pretraining(spec: PretrainSpec, out_dir: str | Path, storage: str = "/tm
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
-        ray.init(num_cpus=spec.threads, include_dashboard=False, configure_logging=False)
+        if os.environ.get("RAY_ADDRESS"):  # submitted as a Ray job: use that cluster
+            ray.init(configure_logging=False)
+        else:  # a private local cluster, never another process's
+            ray.init(address="local", num_cpus=spec.threads, include_dashboard=False, configure_logging=False)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=dataclasses.asdict(spec),
