@@ -340,11 +340,9 @@ def detector_loss(net: ConvNet, pool: Pool, batch: int = 128, strength: float = 
     return loss_fn
 
 
-def detector_boxes(detector: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The boxes ``face_crops`` would crop for (B, 3, H, W) images: detected, else the whole image."""
-    from fairdiff_ray.models.faces import face_crops
-
-    faces, _ = face_crops(x, detector, expand=0.0, size=1)
+def detector_boxes(detector: SyntheticDetector, x: torch.Tensor) -> torch.Tensor:
+    """The boxes ``models.faces.face_crops`` crops for (B, 3, H, W) images: detected, else the whole image."""
+    faces = detector.detect(x)
     whole = torch.tensor([0.0, 0.0, float(x.shape[-1]), float(x.shape[-2])])
     return torch.where(faces.found[:, None], faces.boxes, whole)
 
