@@ -11,6 +11,7 @@ never Python's ``hash()``. The 50 test occupations are METHOD.md section 6's hel
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -213,7 +214,8 @@ def bias(probs: tuple[float, ...]) -> float:
 assert set(ATTRIBUTES) == {"gender", "race", "age"}
 
 
-def _learn_merges(words: list[str]) -> list[tuple[str, str]]:
+@functools.lru_cache(maxsize=4)
+def _learn_merges(words: tuple[str, ...]) -> list[tuple[str, str]]:
     """Byte-pair merges learned on ``words`` (each counted once) until every word is a single symbol.
 
     Learning the merges (rather than listing each word's left-to-right chain) is what makes CLIP's BPE, which
@@ -254,7 +256,7 @@ def build_word_tokenizer(words: list[str] | None = None, model_max_length: int =
     from fairdiff_ray.models.tiny import _bytes_to_unicode
 
     words = sorted(set(vocabulary_words() if words is None else words))
-    merges = _learn_merges(words)
+    merges = list(_learn_merges(tuple(words)))
     vocab: dict[str, int] = {}
     for suffix in ("", "</w>"):
         for ch in _bytes_to_unicode().values():
