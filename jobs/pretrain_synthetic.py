@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
     try:
         spec = spec_from_overrides(pairs)
     except (KeyError, ValueError) as e:
-        raise ConfigError(f"bad pretraining override: {e}") from None
+        raise ConfigError(f"bad pretraining override: {e.args[0]}") from None
     out = run_pretraining(spec, args.out, storage=args.storage, name=args.name)
     print(f"wrote {out}")
     return 0
