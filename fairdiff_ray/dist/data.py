@@ -63,6 +63,13 @@ def _format(path: str, key: str) -> str:
     return FORMATS[ext]
 
 
+def check_prompt_sets(cfg: FairDiffConfig) -> None:
+    """Fail fast (before any cluster starts): every configured prompt set exists and has a known format."""
+    for i, ps in enumerate(cfg.data.prompt_sets):
+        _format(ps.path, f"data.prompt_sets.{i}")
+        _resolve(ps.path, f"data.prompt_sets.{i}")
+
+
 def _read(ps: PromptSetConfig, key: str) -> Any:
     import ray.data
 

@@ -131,6 +131,9 @@ def run_debias(cfg: FairDiffConfig, builders: Any = None) -> Path:
     of the same name), export the EMA adaptor to <run>/adaptor and print its path."""
     import ray
 
+    from fairdiff_ray.dist.data import check_prompt_sets
+
+    check_prompt_sets(cfg)
     mode = check_run_dir(cfg)
     if mode == "overwrite":
         shutil.rmtree(run_dir(cfg))
