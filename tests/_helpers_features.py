@@ -41,11 +41,3 @@ def tiny_embedder_dir(root: Path, seed: int = 0) -> Path:
                 m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
     return save_embedder(net, root / "tiny-arcface", layers, widths)
-
-
-def one_thread():
-    """Generator for a module fixture: torch on one thread (small ops spin-wait badly on busy cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -14,13 +14,9 @@ from fairdiff_ray.dist.data import iter_rows, materialize, read_split, take_prom
 from fairdiff_ray.errors import DataError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+@pytest.fixture(autouse=True)
+def _ray(ray_cluster):
     yield
-    ray.shutdown()
 
 
 def _jsonl(path: Path, rows: list[dict]) -> str:

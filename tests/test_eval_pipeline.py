@@ -139,18 +139,12 @@ def test_job_script_bad_input_is_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ray_data_pipeline_equals_local(tmp_path: Path) -> None:
-    import ray
-
+def test_ray_data_pipeline_equals_local(tmp_path: Path, ray_cluster) -> None:
     cfg = make_cfg(tmp_path, "eval.num_actors=1", "eval.cpus_per_actor=0.5")
     local = run(cfg, tmp_path, tmp_path / "local")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        distributed = run_evaluation(cfg, {"debiased": adaptor_dir(tmp_path)}, tmp_path / "ray", executor="ray",
-                                     report=False, gen_loader=standin_gen_loader, score_loader=standin_score_loader,
-                                     log=lambda s: None)
-    finally:
-        ray.shutdown()
+    distributed = run_evaluation(cfg, {"debiased": adaptor_dir(tmp_path)}, tmp_path / "ray", executor="ray",
+                                 report=False, gen_loader=standin_gen_loader, score_loader=standin_score_loader,
+                                 log=lambda s: None)
     assert distributed["models"] == local["models"]
     cols = ["model", "prompt", "j", "seed", "face_found", "label_gender", "label_race", "thumb"]
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "ray" / "records.parquet")[cols],

@@ -59,18 +59,12 @@ def test_tiny_model_generation_is_reproducible(tiny: Path, tmp_path: Path) -> No
 
 
 @pytest.mark.slow
-def test_tiny_model_ray_pipeline_matches_local(tiny: Path, tmp_path: Path) -> None:
-    import ray
-
+def test_tiny_model_ray_pipeline_matches_local(tiny: Path, tmp_path: Path, ray_cluster) -> None:
     cfg = cfg_for(tiny, "eval.cpus_per_actor=0.5")
     run_evaluation(cfg, {}, tmp_path / "local", executor="local", report=False,
                    score_loader=standin_score_loader, log=lambda s: None)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never join a running cluster
-    try:
-        run_evaluation(cfg, {}, tmp_path / "ray", executor="ray", report=True,
-                       score_loader=standin_score_loader, log=lambda s: None)
-    finally:
-        ray.shutdown()
+    run_evaluation(cfg, {}, tmp_path / "ray", executor="ray", report=True,
+                   score_loader=standin_score_loader, log=lambda s: None)
     ta, tb = thumbs(tmp_path / "local"), thumbs(tmp_path / "ray")
     ia = np.stack([png_to_array(t).astype(int) for t in ta["thumb"]])
     ib = np.stack([png_to_array(t).astype(int) for t in tb["thumb"]])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers_features import one_thread, tiny_clip_dir, tiny_dino_dir, tiny_embedder_dir
+from _helpers_features import tiny_clip_dir, tiny_dino_dir, tiny_embedder_dir
 
 from fairdiff_ray.config import FeaturesConfig
 from fairdiff_ray.errors import ModelFileError
@@ -20,7 +20,6 @@ from fairdiff_ray.models.features import (
 )
 from fairdiff_ray.models.protocols import FaceEmbedder, ImageFeatures
 
-_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory) -> dict:

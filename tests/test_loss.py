@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _helpers_faces import astronaut
-from _helpers_features import one_thread, tiny_clip_dir, tiny_dino_dir, tiny_embedder_dir
+from _helpers_features import tiny_clip_dir, tiny_dino_dir, tiny_embedder_dir
 
 from fairdiff_ray.config import FairDiffConfig, FeaturesConfig
 from fairdiff_ray.core.losses import alignment_loss, box_mask
@@ -18,7 +18,6 @@ from fairdiff_ray.training.loss import FairnessLoss, build_loss, select_referenc
 FAR = (slice(None), 470, 470)  # a background pixel, far from the astronaut's face (box ~ x 170-280, y 60-170)
 
 
-_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 @pytest.fixture(scope="module")
 def nets(tmp_path_factory) -> dict:

@@ -12,15 +12,6 @@ from fairdiff_ray.synthetic.render import ATTRIBUTES, N_CONTENT, render, sample_
 B = 24
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small ops on 2 threads spin-wait badly when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _attrs(seed: int = 0) -> dict[str, np.ndarray]:
     a = sample_batch(B, seed)
     return {k: a[k] for k in ("gender", "race", "age", "content")}

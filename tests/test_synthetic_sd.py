@@ -23,17 +23,6 @@ from fairdiff_ray.synthetic.vocab import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small ops on 2 threads spin-wait badly when other jobs share the cores."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_vocabulary_sizes_and_splits() -> None:
     occ = subjects("occupations")
     assert len(occ) >= 150 and len({s.subject for s in occ}) == len(occ)

@@ -26,14 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NAMES = ("detector", "classifier-train", "classifier-eval", "features", "fidelity")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # small convs spin-wait badly on busy shared cores
-    yield
-    torch.set_num_threads(before)
-
-
 def _renders(n: int, seed: int, size: int = 32, face_prob: float = 1.0) -> tuple[dict, dict]:
     a = sample_batch(n, seed, face_prob=face_prob)
     return a, render(a["gender"], a["race"], a["age"], a["content"], seed=seed + 1000, size=size, face=a["face"])

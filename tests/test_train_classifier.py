@@ -60,20 +60,13 @@ def test_image_folder_layout_and_class_order(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_train_classifier_beats_chance_on_held_out_images(tmp_path) -> None:
-    import ray
-
+def test_train_classifier_beats_chance_on_held_out_images(tmp_path, ray_cluster) -> None:
     backbone = tiny_clip_dir(tmp_path)
     data = tmp_path / "faces.parquet"
     _dataset(64).to_parquet(data)
     out = tmp_path / "heads"
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        code = cli_main(["train-classifier", "--data", str(data), "--backbone", str(backbone), "--out", str(out),
-                         "--attributes", "gender,age", "--epochs", "60", "--val-fraction", "0.25",
-                         "--num-workers", "2"])
-    finally:
-        ray.shutdown()
+    code = cli_main(["train-classifier", "--data", str(data), "--backbone", str(backbone), "--out", str(out),
+                     "--attributes", "gender,age", "--epochs", "60", "--val-fraction", "0.25", "--num-workers", "2"])
     assert code == 0
     card = json.loads((out / "card.json").read_text())
     assert card["n_train"] == 48 and card["n_val"] == 16

@@ -20,15 +20,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def base(tmp_path_factory, ray_cluster):
     """The reference: 1 worker x N=4 images, 3 steps, uninterrupted."""
     tmp = tmp_path_factory.mktemp("train")

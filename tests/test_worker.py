@@ -19,7 +19,6 @@ PROMPT = "a photo of the face of a nurse"
 @pytest.fixture(scope="module", autouse=True)
 def process_group():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    torch.set_num_threads(1)
     if not dist.is_initialized():
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29400 + os.getpid() % 500))
         dist.init_process_group("gloo", rank=0, world_size=1)
