@@ -132,7 +132,7 @@ class DataConfig(_Section):
 
 
 class RayConfig(_Section):
-    address: str | None = None  # None: connect to RAY_ADDRESS or start a local cluster
+    address: str | None = None  # None: RAY_ADDRESS (ray job submit) or a new local cluster; 'auto': join `ray start`
     num_workers: int = Field(1, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)

@@ -131,14 +131,14 @@ def run_debias(cfg: FairDiffConfig, builders: Any = None) -> Path:
     of the same name), export the EMA adaptor to <run>/adaptor and print its path."""
     import ray
 
+    from fairdiff_ray.dist.cluster import connect
     from fairdiff_ray.dist.data import check_prompt_sets
 
     check_prompt_sets(cfg)
     mode = check_run_dir(cfg)
     if mode == "overwrite":
         shutil.rmtree(run_dir(cfg))
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address)
+    connect(cfg.ray.address)
     if mode == "resume":
         print(f"[fairdiff] resuming run {cfg.run.name!r} from its last checkpoint in {run_dir(cfg)}", flush=True)
     result = build_trainer(cfg, builders=builders).fit()

@@ -82,13 +82,13 @@ def run_sweep(spec: SweepSpec) -> Path:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from fairdiff_ray.dist.cluster import connect
     from fairdiff_ray.sweep.results import write_plots, write_table
 
     sweep_dir = (Path(spec.storage) / spec.name).resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     base = spec.base_config()
-    if not ray.is_initialized():
-        ray.init(address=base.ray.address, ignore_reinit_error=True)
+    connect(base.ray.address)
     trainable = tune.with_resources(_trial_fn, {"cpu": TRIAL_DRIVER_CPUS})
     exp_dir = sweep_dir / "tune"
     if tune.Tuner.can_restore(str(exp_dir)):

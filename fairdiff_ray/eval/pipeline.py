@@ -147,8 +147,9 @@ def run_ray(rows: list[dict[str, Any]], spec: dict[str, Any], cfg: FairDiffConfi
     import ray
     import ray.data
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, include_dashboard=False, log_to_driver=False)
+    from fairdiff_ray.dist.cluster import connect
+
+    connect(cfg.ray.address, log_to_driver=False)
     ev = cfg.eval
     blocks = max(1, min(len(rows) // ev.batch_size, 200))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)

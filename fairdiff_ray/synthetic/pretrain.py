@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -343,15 +342,12 @@ def train_loop(config: dict[str, Any]) -> None:
 def run_pretraining(spec: PretrainSpec, out_dir: str | Path, storage: str = "/tmp/fairdiff-pretrain",
                     name: str = "synthetic-sd") -> Path:  # fmt: skip
     """Fit on one Ray Train worker (resumes ``storage/name`` if it exists) and write the pipeline to out_dir."""
-    import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):  # submitted as a Ray job: use that cluster
-            ray.init(configure_logging=False)
-        else:  # a private local cluster, never another process's
-            ray.init(address="local", num_cpus=spec.threads, include_dashboard=False, configure_logging=False)
+    from fairdiff_ray.dist.cluster import connect
+
+    connect(None, num_cpus=spec.threads, configure_logging=False)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=dataclasses.asdict(spec),

@@ -203,8 +203,9 @@ def train_classifier(data: str, backbone: str, out: str, attributes: list[str], 
     df = load_labelled(data, attributes)
     classes = {a: class_names(df[a].tolist(), a) for a in attributes}
     tr, va = split(len(df), val_fraction, seed)
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, log_to_driver=False)
+    from fairdiff_ray.dist.cluster import connect
+
+    connect(None, log_to_driver=False)
     config = {"attributes": classes, "backbone": str(Path(backbone).resolve()), "epochs": epochs, "lr": lr,
               "hidden": hidden, "seed": seed, "batch_size": batch_size}
     with tempfile.TemporaryDirectory() as storage:
