@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -306,11 +307,43 @@ def from_dict(data: dict[str, Any], source: str = "config") -> FairDiffConfig:
         raise ConfigError(_format_error(err, source)) from None
 
 
+# Config fields that name local files or directories (URIs such as s3://... are left alone).
+_PATH_FIELDS: tuple[tuple[str, str], ...] = (
+    ("run", "storage"), ("model", "path"), ("faces", "insightface_pack"), ("faces", "path"),
+    ("classifier", "path"), ("classifier", "backbone"), ("features", "clip"), ("features", "dino"),
+    ("features", "face_embedder"), ("features", "face_bank"), ("features", "synthetic"))
+
+
+def _absolute(value: str | None, base: Path) -> str | None:
+    if value is None or "://" in value or value == "default" or Path(value).is_absolute():
+        return value
+    return os.path.normpath(base / value)
+
+
+def resolve_paths(cfg: FairDiffConfig, base: str | Path | None = None) -> FairDiffConfig:
+    """The config with every relative local path made absolute against ``base`` (default: the working directory).
+
+    Ray Train workers, Tune trials and Data actors run in their own directories, so a path like
+    ``assets/synthetic-sd`` must be resolved where the user typed it: on the driver, when the config is loaded.
+    """
+    root = Path(base) if base is not None else Path.cwd()
+    upd: dict[str, Any] = {}
+    for section, key in _PATH_FIELDS:
+        sec = upd.get(section, getattr(cfg, section))
+        upd[section] = sec.model_copy(update={key: _absolute(getattr(sec, key), root)})
+    upd["eval"] = cfg.eval.model_copy(update={"classifier": cfg.eval.classifier.model_copy(update={
+        k: _absolute(getattr(cfg.eval.classifier, k), root) for k in ("path", "backbone")})})
+    upd["data"] = cfg.data.model_copy(update={"prompt_sets": [
+        ps.model_copy(update={"path": _absolute(ps.path, root)}) for ps in cfg.data.prompt_sets]})
+    return cfg.model_copy(update=upd)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FairDiffConfig:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply ``a.b=value`` overrides."""
+    """Load a YAML config (or the defaults when ``path`` is None), apply ``a.b=value`` overrides and make relative
+    local paths absolute against the working directory (see :func:`resolve_paths`)."""
     data = load_yaml(path) if path is not None else {}
     data = apply_overrides(data, list(overrides or []))
-    return from_dict(data, source=str(path) if path is not None else "config")
+    return resolve_paths(from_dict(data, source=str(path) if path is not None else "config"))
 
 
 def is_finite_number(x: Any) -> bool:
