@@ -79,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     from fairdiff_ray.eval.records import png_bytes, to_uint8
-    from fairdiff_ray.models.adaptors import _read_meta
-    from fairdiff_ray.models.sd import check_model_dir
+    from fairdiff_ray.models.adaptors import check_adaptor
+    from fairdiff_ray.models.sd import check_model_dir, load_tokenizer, warn_long_prompts
 
     args = build_parser().parse_args(argv)
     seeds = parse_seeds(args.seeds)
@@ -89,8 +89,9 @@ def main(argv: list[str]) -> int:
     # Every check before any work, so a mistake costs nothing and writes nothing.
     check_output_dir(args.out, args.overwrite, what="--out")
     check_model_dir(args.model)
-    if args.adaptor is not None:
-        _read_meta(args.adaptor)
+    meta = check_adaptor(args.adaptor, args.model) if args.adaptor is not None else {}
+    reserved = int(meta.get("soft_tokens") or 0) if meta.get("kind") == "soft_prompt" else 0
+    warn_long_prompts(load_tokenizer(args.model), [args.prompt], "--prompt", reserved)
     images = generate_images(args.model, args.prompt, seeds, args.adaptor, args.steps, args.guidance,
                              args.scheduler, args.dtype, args.device, args.batch_size)
     pixels = to_uint8(images.numpy())

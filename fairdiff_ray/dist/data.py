@@ -20,6 +20,7 @@ no Ray Data task has to compete with the training workers for CPUs); it is never
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Iterator
@@ -63,11 +64,137 @@ def _format(path: str, key: str) -> str:
     return FORMATS[ext]
 
 
-def check_prompt_sets(cfg: FairDiffConfig) -> None:
-    """Fail fast (before any cluster starts): every configured prompt set exists and has a known format."""
+def _missing_columns(names: list[str], ps: PromptSetConfig) -> list[str]:
+    have = set(names)
+    need = [c for c in REQUIRED if c not in have and not (c == "prompt" and "template" in have)]
+    return [c for c in need if not (c == "concept" and ps.concept is not None)]
+
+
+def _columns_error(key: str, ps: PromptSetConfig, need: list[str], names: list[str]) -> DataError:
+    return DataError(f"{key}: prompt set {ps.path!r} lacks column(s) {need} (has {sorted(names)}): "
+                     f"every row needs {list(REQUIRED)}")
+
+
+def _file_bytes(path: str, key: str) -> list[bytes]:
+    """The bytes of the file at ``path`` (of every file in it, for a directory)."""
+    import pyarrow.fs as pafs
+
+    resolved, fs = _resolve(path, key)
+    inner = pafs.FileSystem.from_uri(path)[1] if _is_uri(path) else resolved
+    try:
+        if fs.get_file_info(inner).type == pafs.FileType.Directory:
+            infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+            names = sorted(i.path for i in infos if i.type == pafs.FileType.File
+                           and not os.path.basename(i.path).startswith((".", "_")))
+        else:
+            names = [inner]
+        out = []
+        for name in names:
+            with fs.open_input_stream(name) as f:
+                out.append(f.read())
+        return out
+    except Exception as e:  # noqa: BLE001 - any filesystem error is the user's path
+        raise DataError(f"{key}: cannot read prompt set {path!r} ({str(e).splitlines()[0][:200]})") from None
+
+
+def _text(data: bytes, key: str, path: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{key}: prompt set {path!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                        f"{e.start}): save it as UTF-8") from None
+
+
+def _json_rows(text: str, key: str, path: str) -> list[dict[str, Any]]:
+    rows = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise DataError(f"{key}: {path}:{n}: not valid JSON ({str(e).split(':')[0]}): write one JSON object "
+                            "per line (JSON lines)") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{key}: {path}:{n}: a JSON {type(row).__name__}, not an object: write one object "
+                            "per line (JSON lines)")
+        rows.append(row)
+    return rows
+
+
+def _table_rows(data: bytes, fmt: str, key: str, path: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """(rows, column names) of one parquet / CSV file, read as Ray Data reads it (pyarrow)."""
+    import io
+
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    if fmt == "csv":
+        _text(data, key, path)
+        if not data.strip():
+            return [], []
+    try:
+        table = pq.read_table(io.BytesIO(data)) if fmt == "parquet" else pacsv.read_csv(io.BytesIO(data))
+    except Exception as e:  # noqa: BLE001 - a malformed file is one line naming the file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DataError(f"{key}: prompt set {path!r} is not a readable {fmt} file ({first}): check its format "
+                        "and extension") from None
+    return table.to_pylist(), list(table.column_names)
+
+
+def _rows(ps: PromptSetConfig, key: str) -> list[dict[str, Any]]:
+    """Every row of a prompt set read on the driver (prompt sets are small), columns checked."""
+    fmt = _format(ps.path, key)
+    rows: list[dict[str, Any]] = []
+    names: set[str] = set()
+    for data in _file_bytes(ps.path, key):
+        if fmt == "json":
+            part = _json_rows(_text(data, key, ps.path), key, ps.path)
+            cols = [c for r in part for c in r]
+        else:
+            part, cols = _table_rows(data, fmt, key, ps.path)
+        rows.extend(part)
+        names.update(cols)
+    if not rows:
+        raise DataError(f"{key}: prompt set {ps.path!r} is empty: add rows with the columns {list(REQUIRED)}")
+    need = _missing_columns(sorted(names), ps)
+    if need:
+        raise _columns_error(key, ps, need, sorted(names))
+    return rows
+
+
+def check_prompt_sets(cfg: FairDiffConfig, splits: list[str] | None = None) -> list[list[str]]:
+    """Fail fast, before any cluster starts, with one line naming the set: every configured prompt set exists,
+    has a known format, decodes (UTF-8 for JSON lines / CSV), has the required columns, rows in each of
+    ``splits`` (default: data.split, plus 'val' when train.validate_every is set), non-empty prompts and usable
+    weights. Returns each set's prompts of ``splits[0]`` (for the tokenizer-length warning)."""
+    if splits is None:
+        splits = [cfg.data.split] + (["val"] if cfg.train.validate_every and cfg.data.split != "val" else [])
+    out = []
     for i, ps in enumerate(cfg.data.prompt_sets):
-        _format(ps.path, f"data.prompt_sets.{i}")
-        _resolve(ps.path, f"data.prompt_sets.{i}")
+        key = f"data.prompt_sets.{i}"
+        norm, rows = _Normalise(i, ps.concept), []
+        for n, row in enumerate(_rows(ps, key), start=1):
+            try:
+                rows.append((n, norm(row)))
+            except (ValueError, TypeError, KeyError, IndexError) as e:
+                raise DataError(f"{key}: prompt set {ps.path!r}: row {n} is malformed ({type(e).__name__}: "
+                                f"{str(e)[:100]}): fix its weight / template") from None
+        for split in splits:
+            mine = [(n, r) for n, r in rows if r["split"] == split]
+            if not mine:
+                have = sorted({r["split"] for _, r in rows})
+                raise DataError(f"{key}: prompt set {ps.path!r} has no rows with split {split!r} (it has {have}): "
+                                "add some or remove the set")
+            empty = next((n for n, r in mine if not r["prompt"].strip()), None)
+            if empty is not None:
+                raise DataError(f"{key}: prompt set {ps.path!r}: row {empty} (split {split!r}) has an empty prompt "
+                                "and no template: give every row a prompt")
+            w = [r["weight"] for _, r in mine]
+            if not all(math.isfinite(x) and x >= 0 for x in w) or sum(w) <= 0:
+                raise DataError(f"{key}: prompt set {ps.path!r}: column 'weight' must be finite, >= 0, not all 0")
+        out.append([r["prompt"] for _, r in rows if r["split"] == splits[0]])
+    return out
 
 
 def _read(ps: PromptSetConfig, key: str) -> Any:
@@ -89,13 +216,9 @@ def _read(ps: PromptSetConfig, key: str) -> Any:
     except Exception as e:  # noqa: BLE001 - malformed files surface as one line naming the file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{key}: cannot read prompt set {ps.path!r} as {fmt}: {first[:200]}") from None
-    have = set(names)
-    need = [c for c in REQUIRED if c not in have and not (c == "prompt" and "template" in have)]
-    if ps.concept is not None and "concept" in need:
-        need.remove("concept")
+    need = _missing_columns(list(names), ps)
     if need:
-        raise DataError(f"{key}: prompt set {ps.path!r} lacks column(s) {need} (has {sorted(have)}): "
-                        f"every row needs {list(REQUIRED)}")
+        raise _columns_error(key, ps, need, list(names))
     return ds
 
 

@@ -64,6 +64,10 @@ def run_evaluation(
         raise UserError(f"--out {str(out)!r} is a file: give a directory")
     if not Path(cfg.model.path).exists():
         raise ModelFileError(f"model.path {cfg.model.path!r} does not exist: point it at a diffusers model directory")
+    from fairdiff_ray.preflight import check_eval_inputs
+
+    # every input checked before anything is generated or written (stand-in loaders skip their part)
+    check_eval_inputs(cfg, adaptors, models=gen_loader is None, scorer=score_loader is None)
     models: dict[str, str | None] = {BASE: None, **adaptors}
     prompts = load_eval_prompts(cfg)
     t0 = time.perf_counter()

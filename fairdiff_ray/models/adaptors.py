@@ -299,6 +299,104 @@ def _read_meta(adaptor_dir: str) -> dict:
         raise ModelFileError(f"{root / META_FILE} is unreadable ({e}); re-export the adaptor") from None
 
 
+def _weight_files(root: Path, files: dict[str, str]) -> list[Path]:
+    """The safetensors files an export lists (full kinds list a folder: every safetensors file in it)."""
+    out = []
+    for rel in files.values():
+        p = root / rel
+        out.extend(sorted(p.glob("*.safetensors")) if p.is_dir() else [p])
+    return out
+
+
+def check_adaptor(adaptor_dir: str, model_path: str | None = None) -> dict:
+    """fairdiff_adaptor.json of a complete, uncorrupted export (every weight file's safetensors header is checked);
+    with ``model_path``, also that every weight fits that base model (names and shapes, read from headers only).
+
+    Cheap (no tensor is read), so every entry point calls it before any work. ModelFileError (one line) otherwise.
+    """
+    meta = _read_meta(adaptor_dir)
+    root = Path(adaptor_dir)
+    redo = "re-export the adaptor (fairdiff debias writes it)"
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{root / META_FILE} is not a JSON object; {redo}")
+    try:
+        AdaptorConfig(**meta["adaptor"])
+    except Exception as e:  # noqa: BLE001 - any malformed section is the same user problem
+        raise ModelFileError(f"{root / META_FILE}: bad 'adaptor' section ({str(e).splitlines()[0]}); {redo}") from None
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ModelFileError(f"{root / META_FILE} lists no weight files; {redo}")
+    for rel in files.values():
+        if not (root / str(rel)).exists():
+            raise ModelFileError(f"adaptor file {root / str(rel)} is missing; {redo}")
+    from fairdiff_ray.models.sd import read_safetensors_header
+
+    headers = {f: read_safetensors_header(f, redo) for f in _weight_files(root, files)}
+    if model_path is not None:
+        _check_fit(meta, files, root, headers, model_path)
+    return meta
+
+
+def _misfit(root: Path, model_path: str, meta: dict, what: str) -> ModelFileError:
+    made = f"base model {meta['base_model']!r}" if meta.get("base_model") else "another base model"
+    return ModelFileError(f"adaptor {str(root)!r} does not fit model {model_path!r}: {what}; it was made for {made}: "
+                          "use that model, or train an adaptor for this one")
+
+
+def _base_entry(base: dict[str, Any], name: str) -> tuple[str, list[int]] | None:
+    """(name, shape) of a base tensor, with or without transformers' 'text_model.' nesting."""
+    for cand in (name, name.removeprefix("text_model."), f"text_model.{name}"):
+        if cand in base:
+            return cand, list(base[cand]["shape"])
+    return None
+
+
+def _check_fit(meta: dict, files: dict, root: Path, headers: dict[Path, dict], model_path: str) -> None:
+    """Names and shapes of the exported weights against the base model's safetensors headers."""
+    from fairdiff_ray.models.sd import component_header
+
+    base = {m: component_header(model_path, m) for m in ("text_encoder", "unet")}
+
+    def entries(rel: str) -> dict[str, Any]:
+        return {k: v for f, h in headers.items() if f == root / rel or f.parent == root / rel
+                for k, v in h.items() if k != "__metadata__"}
+
+    if "lora" in files:
+        for key, info in entries(files["lora"]).items():
+            module, _, rest = key.partition(".")
+            if base.get(module) is None or not (".lora_A." in rest or ".lora_B." in rest):
+                continue  # .bin weights or another kind of tensor: load_adaptor checks them at load time
+            side = "A" if ".lora_A." in rest else "B"
+            found = _base_entry(base[module], rest.replace(f".lora_{side}.", "."))
+            shape = list(info["shape"])
+            if found is None:
+                raise _misfit(root, model_path, meta, f"{key} has no counterpart in the model's {module}")
+            name, want = found
+            # lora_A: (r, in, ...), lora_B: (out, r, ...); the base weight is (out, in, ...)
+            if len(shape) != len(want) or (shape[1] != want[1] if side == "A" else shape[0] != want[0]):
+                raise _misfit(root, model_path, meta, f"{key} has shape {shape}, the model's {module}.{name} {want}")
+    elif "soft_prompt" in files:
+        emb = _base_entry(base["text_encoder"] or {}, "embeddings.token_embedding.weight")
+        for key, info in entries(files["soft_prompt"]).items():
+            if emb is not None and list(info["shape"])[-1:] != emb[1][-1:]:
+                raise _misfit(root, model_path, meta, f"soft prompt {key} has shape {list(info['shape'])}, the "
+                              f"model's token embeddings {emb[1]}")
+    else:
+        def plain(d: dict[str, Any]) -> dict[str, Any]:
+            return {k.removeprefix("text_model."): v for k, v in d.items()}
+
+        for module, rel in files.items():
+            have, want = plain(entries(rel)), base.get(module)
+            if want is None:
+                continue
+            want = plain(want)
+            for key in sorted(set(have) | set(want)):
+                a = list(have[key]["shape"]) if key in have else None
+                b = list(want[key]["shape"]) if key in want else None
+                if a != b:
+                    raise _misfit(root, model_path, meta, f"{module} weight {key}: adaptor {a}, model {b}")
+
+
 def _load_lora(adaptor: Adaptor, path: Path) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
@@ -313,19 +411,10 @@ def _load_lora(adaptor: Adaptor, path: Path) -> dict[str, Tensor]:
 
 def load_adaptor(comp: Components, adaptor_dir: str) -> Adaptor:
     """An exported adaptor (its exported weights, EMA = those weights) attached to ``comp`` in place."""
-    meta = _read_meta(adaptor_dir)
+    meta = check_adaptor(adaptor_dir, comp.path)
     root = Path(adaptor_dir)
-    try:
-        cfg = AdaptorConfig(**meta["adaptor"])
-    except Exception as e:  # noqa: BLE001 - any malformed section is the same user problem
-        raise ModelFileError(f"{root / META_FILE}: bad 'adaptor' section ({str(e).splitlines()[0]}); "
-                             "re-export the adaptor") from None
-    files = meta.get("files") or {}
-    if not files:
-        raise ModelFileError(f"{root / META_FILE} lists no weight files; re-export the adaptor")
-    for rel in files.values():
-        if not (root / rel).exists():
-            raise ModelFileError(f"adaptor file {root / rel} is missing; re-export the adaptor")
+    cfg = AdaptorConfig(**meta["adaptor"])
+    files = meta["files"]
     adaptor = attach_adaptor(comp, cfg, seed=int(meta.get("seed", 0)))
     if "lora" in files:
         sd = _load_lora(adaptor, root / files["lora"])

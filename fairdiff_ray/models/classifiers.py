@@ -139,6 +139,80 @@ def build_classifier(cfg: ClassifierConfig) -> AttributeClassifier:
     raise ConfigError(f"classifier.kind={cfg.kind!r} is unknown; use dlib, synthetic or clip_heads")
 
 
+SYNTHETIC_REBUILD = "rebuild the synthetic-world nets with `python jobs/train_synthetic_nets.py`"
+
+
+def _synthetic_classes(cfg: ClassifierConfig, key: str) -> dict[str, list[str]]:
+    from fairdiff_ray.models.sd import read_safetensors_header
+    from fairdiff_ray.synthetic.world import ATTRIBUTES, net_files
+
+    weights, meta = net_files(cfg.path, f"classifier-{cfg.variant}")
+    for f in (weights, meta):
+        if not f.is_file():
+            raise ModelFileError(f"{key}: synthetic-world classifier file {f} is missing; {SYNTHETIC_REBUILD}")
+    read_safetensors_header(weights, SYNTHETIC_REBUILD)
+    try:
+        heads = json.loads(meta.read_text())["arch"]["heads"]
+        return {a: list(ATTRIBUTES[a]) for a in heads if a in ATTRIBUTES}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelFileError(f"{key}: {meta} has no readable arch.heads ({type(e).__name__}); {SYNTHETIC_REBUILD}") from None
+
+
+def _clip_heads_classes(cfg: ClassifierConfig, key: str) -> dict[str, list[str]]:
+    if cfg.path is None or cfg.backbone is None:
+        raise ConfigError(f"{key}.kind=clip_heads needs {key}.path=DIR and {key}.backbone=DIR")
+    p = Path(cfg.path)
+    if not (p / "heads.json").is_file() or not (p / "heads.safetensors").is_file():
+        raise ModelFileError(f"{key}.path: {p} needs heads.json and heads.safetensors; train them with "
+                             "fairdiff train-classifier")
+    from fairdiff_ray.models.sd import read_safetensors_header
+
+    read_safetensors_header(p / "heads.safetensors", "train the heads again with fairdiff train-classifier")
+    try:
+        attrs = json.loads((p / "heads.json").read_text())["attributes"]
+        return {str(a): [str(c) for c in cls] for a, cls in attrs.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ModelFileError(f"{key}.path: {p / 'heads.json'} has no readable 'attributes' ({type(e).__name__}); "
+                             "train the heads again with fairdiff train-classifier") from None
+
+
+def classifier_classes(cfg: ClassifierConfig, key: str = "classifier") -> dict[str, list[str]]:
+    """{attribute: class names} that ``build_classifier(cfg)`` predicts, read from metadata only (no network is
+    built, no backbone loaded); ModelFileError / ConfigError (one line naming ``key``) when the files are not
+    there or unreadable."""
+    if cfg.kind == "dlib":
+        return {a: list(c) for a, c in DlibAttributeClassifier.attributes.items()}
+    if cfg.kind == "synthetic":
+        return _synthetic_classes(cfg, key)
+    if cfg.kind == "clip_heads":
+        return _clip_heads_classes(cfg, key)
+    raise ConfigError(f"{key}.kind={cfg.kind!r} is unknown; use dlib, synthetic or clip_heads")
+
+
+def check_target_classes(target: dict, classes: dict[str, list[str]], who: str) -> None:
+    """The target's attributes and class names must be the classifier's (same names, same order): the loss
+    and the metrics index the classifier's outputs by the target's class positions.
+
+    target: the config's ``target`` section (marginals or ``joint``); who: e.g. "classifier (synthetic)".
+    """
+    from fairdiff_ray.core.targets import TargetDistribution
+
+    prefix = "target.joint.attributes." if "joint" in target else "target."
+    suffix = "" if "joint" in target else ".classes"
+    for a, want in TargetDistribution.from_spec(target).attributes.items():
+        have = classes.get(a)
+        if have is None:
+            raise ConfigError(f"{prefix}{a}: the {who} does not predict {a!r} (it predicts {sorted(classes)}): "
+                              "drop that attribute or use a classifier that has it")
+        unknown = [c for c in want if c not in have]
+        if unknown:
+            raise ConfigError(f"{prefix}{a}{suffix}: {unknown} not among the {who}'s {a} classes {have}: use "
+                              "those names, in that order")
+        if list(want) != list(have):
+            raise ConfigError(f"{prefix}{a}{suffix}: {list(want)} must list the {who}'s {a} classes in its order "
+                              f"{have}")
+
+
 def classify_images(
     images: torch.Tensor, detector: FaceDetector, classifier: AttributeClassifier
 ) -> tuple[Faces, dict[str, torch.Tensor]]:

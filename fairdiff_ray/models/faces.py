@@ -210,6 +210,28 @@ class InsightFaceDetector:
         return largest_faces(self.detect_all(images))
 
 
+def check_detector(cfg: FacesConfig) -> None:
+    """The files ``build_detector(cfg)`` needs are there (header checks only, nothing is built); one-line
+    ModelFileError / ConfigError otherwise. Entry points call it before any cluster starts."""
+    if cfg.detector == "insightface":
+        _check_pack(cfg.insightface_pack)
+    elif cfg.detector == "dlib":
+        import importlib.util
+
+        if importlib.util.find_spec("dlib") is None:
+            raise ModelFileError("faces.detector=dlib needs the dlib package; pip install dlib (or use insightface)")
+        _shape_predictor_path()
+    elif cfg.detector == "synthetic":
+        from fairdiff_ray.models.sd import read_safetensors_header
+        from fairdiff_ray.synthetic.world import net_files
+
+        hint = "rebuild the synthetic-world nets with `python jobs/train_synthetic_nets.py`"
+        for f in net_files(cfg.path, "detector"):
+            if not f.is_file():
+                raise ModelFileError(f"faces.path: synthetic-world detector file {f} is missing; {hint}")
+        read_safetensors_header(net_files(cfg.path, "detector")[0], hint)
+
+
 def build_detector(cfg: FacesConfig) -> FaceDetector:
     """The detector named by ``faces.detector``: dlib | insightface | synthetic."""
     if cfg.detector == "dlib":

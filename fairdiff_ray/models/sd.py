@@ -13,6 +13,7 @@ images (B, 3, H, W) in [-1, 1].
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,68 @@ def _has_weights(folder: Path) -> bool:
     return folder.is_dir() and any(f.name.endswith(_WEIGHT_SUFFIXES) for f in folder.iterdir())
 
 
+_MAX_HEADER = 100 << 20  # safetensors itself refuses headers over 100 MB
+
+
+def read_safetensors_header(path: str | Path, hint: str) -> dict[str, Any]:
+    """The JSON header ``{name: {dtype, shape, data_offsets}}`` of a safetensors file that is complete.
+
+    Reads the header only (a few KB even for a 3 GB UNet). Layout: an 8-byte little-endian length N, N bytes
+    of JSON, then the tensor data, which must end exactly where the largest ``data_offsets`` end says - a
+    truncated copy or download is shorter. Anything else is a ModelFileError: "<path> is not a valid
+    safetensors file (<why>): <hint>".
+    """
+    path = Path(path)
+
+    def bad(why: str) -> ModelFileError:
+        return ModelFileError(f"{path} is not a valid safetensors file ({why}): {hint}")
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad(f"{size} bytes, shorter than a header")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, _MAX_HEADER):
+            raise bad(f"header length {n} does not fit in the {size}-byte file: truncated or not safetensors")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise bad("header is not JSON") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            lo, hi = (int(x) for x in info["data_offsets"])
+            shape = [int(x) for x in info["shape"]]
+            str(info["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"header entry {name!r} lacks dtype / shape / data_offsets") from None
+        if not 0 <= lo <= hi or min(shape, default=0) < 0:
+            raise bad(f"header entry {name!r} has offsets {[lo, hi]} and shape {shape}")
+        end = max(end, hi)
+    if size - 8 - n != end:
+        raise bad(f"the file has {size - 8 - n} data bytes, its header describes {end}: truncated or corrupt")
+    return header
+
+
+def component_header(path: str | Path, sub: str) -> dict[str, Any] | None:
+    """{tensor name: header entry} over the plain (non-variant) safetensors files of ``path/sub``; None when
+    that component's weights are not safetensors (``.bin``) or are only present as a variant."""
+    folder = Path(path) / sub
+    files = sorted(f for f in folder.glob("*.safetensors") if f.name.count(".") == 1)
+    if not files:
+        return None
+    out: dict[str, Any] = {}
+    for f in files:
+        out.update({k: v for k, v in read_safetensors_header(f, _download_hint(str(path))).items()
+                    if k != "__metadata__"})
+    return out
+
+
 def check_model_dir(path: str) -> None:
     """Raise ModelFileError (one line: the missing file and the download command) unless ``path`` is a
     complete local diffusers SD directory."""
@@ -88,6 +151,8 @@ def check_model_dir(path: str) -> None:
             raise _missing(path, f"{sub}/config.json")
         if not _has_weights(root / sub):
             raise _missing(path, f"{sub}/ weights (*.safetensors or *.bin)")
+        for f in sorted((root / sub).glob("*.safetensors")):
+            read_safetensors_header(f, _download_hint(path))
 
 
 def _variant(folder: Path, stem: str) -> str | None:
@@ -115,6 +180,7 @@ def load_components(path: str, dtype: torch.dtype = torch.float32, device: str |
     Frozen, eval mode, on ``device`` in ``dtype``. Never downloads (local_files_only=True).
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors import SafetensorError
     from transformers import CLIPTextModel, CLIPTokenizer
 
     check_model_dir(path)
@@ -134,7 +200,7 @@ def load_components(path: str, dtype: torch.dtype = torch.float32, device: str |
             variant=_variant(root / "vae", "diffusion_pytorch_model"),
         )
         scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelFileError(f"could not load the model in {path!r}: {first}; {_download_hint(path)}") from None
     for m in (text_encoder, unet, vae):
@@ -158,6 +224,39 @@ def save_tiny_model(path: str | Path, seed: int = 0, words: list[str] | tuple[st
     pipe = StableDiffusionPipeline(**tiny_components(seed=seed, words=words), requires_safety_checker=False)
     pipe.save_pretrained(str(path))
     return Path(path)
+
+
+def load_tokenizer(path: str) -> Any:
+    """The model's CLIP tokenizer alone (cheap: for checking prompts before any model is loaded)."""
+    from transformers import CLIPTokenizer
+
+    try:
+        return CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFileError(f"could not load the tokenizer in {path!r}: {first}; {_download_hint(path)}") from None
+
+
+def long_prompts(tokenizer: Any, prompts: list[str], reserved: int = 0) -> list[tuple[str, int]]:
+    """[(prompt, token count incl. BOS / EOS)] of the prompts that ``tokenize`` would truncate; ``reserved``
+    positions are taken by something else (soft prompt tokens)."""
+    limit = tokenizer.model_max_length - reserved
+    # truncation at a huge length counts every token without transformers' own "sequence too long" log line
+    ids = tokenizer(list(prompts), truncation=True, max_length=1 << 30).input_ids if prompts else []
+    return [(p, len(i)) for p, i in zip(prompts, ids) if len(i) > limit]
+
+
+def warn_long_prompts(tokenizer: Any, prompts: list[str], where: str, reserved: int = 0) -> int:
+    """One stderr warning line when prompts exceed the tokenizer's limit (they are truncated, as the stock
+    pipeline truncates them; the end of such a prompt is lost). Returns how many are too long."""
+    long = long_prompts(tokenizer, prompts, reserved)
+    if long:
+        limit = tokenizer.model_max_length - reserved
+        p, n = max(long, key=lambda x: x[1])
+        shown = p if len(p) <= 60 else p[:57] + "..."
+        print(f"fairdiff: warning: {where}: {len(long)} prompt(s) longer than the tokenizer's {limit} tokens are "
+              f"truncated (longest: {shown!r}, {n} tokens); shorten them to keep their ends", file=sys.stderr, flush=True)
+    return len(long)
 
 
 def tokenize(tokenizer: Any, prompts: list[str], max_length: int | None = None) -> Tensor:

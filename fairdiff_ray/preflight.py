@@ -1,0 +1,98 @@
+"""Input checks that run before a job starts Ray or writes anything (issue 9: bad input fails fast, in one line).
+
+Each check reads metadata only - directory listings, JSON files, safetensors headers, the prompt files and the
+tokenizer - so a mistake costs seconds and leaves no cluster, run directory or output behind. A mistake raises a
+UserError naming the file / key / value; prompts the tokenizer will truncate print one warning line instead.
+
+- ``check_debias_inputs(cfg)``: `fairdiff debias` (the CLI runs it before the job; see cli.PRECHECKS);
+- ``check_eval_inputs(cfg, adaptors)``: `fairdiff evaluate` (run_evaluation runs it first);
+- `fairdiff generate` checks its own flags (generate.main) with the same functions.
+"""
+
+from __future__ import annotations
+
+from fairdiff_ray.config import FairDiffConfig
+from fairdiff_ray.errors import ConfigError, ModelFileError
+
+
+def _check_loss_factors(cfg: FairDiffConfig) -> None:
+    for a in cfg.target_distribution().attributes:
+        for key in ("mismatch_weight", "face_region_scale"):
+            if a not in getattr(cfg.loss, key):
+                raise ConfigError(f"loss.{key}.{a} is missing: give a factor in [0, 1] for attribute {a!r}")
+
+
+def _check_features(cfg: FairDiffConfig) -> None:
+    """The synthetic feature net (the only one whose files are not checked by features.check_hf_dir at load)."""
+    if cfg.features.synthetic is None:
+        return
+    from fairdiff_ray.models.sd import read_safetensors_header
+    from fairdiff_ray.synthetic.world import net_files
+
+    path = None if cfg.features.synthetic == "default" else cfg.features.synthetic
+    hint = "rebuild the synthetic-world nets with `python jobs/train_synthetic_nets.py`"
+    for f in net_files(path, "features"):
+        if not f.is_file():
+            raise ModelFileError(f"features.synthetic: synthetic-world feature net file {f} is missing; {hint}")
+    read_safetensors_header(net_files(path, "features")[0], hint)
+
+
+def _warn_long(cfg: FairDiffConfig, prompts: list[list[str]], reserved: int = 0) -> None:
+    from fairdiff_ray.models.sd import load_tokenizer, warn_long_prompts
+
+    tokenizer = load_tokenizer(cfg.model.path)
+    for i, (ps, ps_prompts) in enumerate(zip(cfg.data.prompt_sets, prompts)):
+        warn_long_prompts(tokenizer, ps_prompts, f"data.prompt_sets.{i} ({ps.path})", reserved)
+
+
+def check_debias_inputs(cfg: FairDiffConfig) -> None:
+    """Model directory, classifier vs target classes, detector, feature net and prompt sets of a debias run."""
+    from fairdiff_ray.dist.data import check_prompt_sets
+    from fairdiff_ray.models.classifiers import check_target_classes, classifier_classes
+    from fairdiff_ray.models.faces import check_detector
+    from fairdiff_ray.models.sd import check_model_dir
+
+    check_model_dir(cfg.model.path)
+    classes = classifier_classes(cfg.classifier, "classifier")
+    check_target_classes(cfg.target, classes, f"classifier ({cfg.classifier.kind})")
+    _check_loss_factors(cfg)
+    check_detector(cfg.faces)
+    _check_features(cfg)
+    prompts = check_prompt_sets(cfg)
+    _warn_long(cfg, prompts, cfg.adaptor.soft_tokens if cfg.adaptor.kind == "soft_prompt" else 0)
+
+
+def check_debias_argv(argv: list[str]) -> None:
+    """`fairdiff debias ARGS`: the job's own arguments, checked before the job imports Ray."""
+    from fairdiff_ray.jobs_common import config_parser, parse_config
+
+    if any(a in ("-h", "--help") for a in argv):
+        return  # the job prints its help
+    cfg, _ = parse_config(argv, config_parser("fairdiff debias", "Finetune an adaptor towards a target."))
+    check_debias_inputs(cfg)
+
+
+def check_eval_inputs(cfg: FairDiffConfig, adaptors: dict[str, str], models: bool = True,
+                      scorer: bool = True) -> None:
+    """Prompt sets of eval.split; with ``models``, the model directory and that every adaptor fits it; with
+    ``scorer``, the detector and that the eval classifier predicts the target's classes. Tests that inject
+    stand-in generators or scorers turn the matching part off."""
+    from fairdiff_ray.dist.data import check_prompt_sets
+
+    if models:
+        from fairdiff_ray.models.adaptors import check_adaptor
+        from fairdiff_ray.models.sd import check_model_dir
+
+        check_model_dir(cfg.model.path)
+        for path in adaptors.values():
+            check_adaptor(path, cfg.model.path)
+    if scorer:
+        from fairdiff_ray.models.classifiers import check_target_classes, classifier_classes
+        from fairdiff_ray.models.faces import check_detector
+
+        classes = classifier_classes(cfg.eval.classifier, "eval.classifier")
+        check_target_classes(cfg.target, classes, f"eval.classifier ({cfg.eval.classifier.kind})")
+        check_detector(cfg.faces)
+    prompts = check_prompt_sets(cfg, [cfg.eval.split])
+    if models:
+        _warn_long(cfg, prompts)
