@@ -23,7 +23,8 @@ def main(argv: list[str]) -> int:
     cfg, args = parse_config(argv, parser)
     adaptors = parse_adaptors(args.adaptor)
     out = Path(args.out) if args.out else default_out(cfg)
-    summary = run_evaluation(cfg, adaptors, out, executor=args.executor, report=not args.no_report)
+    summary = run_evaluation(cfg, adaptors, out, executor=args.executor, report=not args.no_report,
+                             overwrite=args.overwrite or cfg.run.overwrite)
     for name, s in summary["models"].items():
         bias = ", ".join(f"{a} {v['mean']:.3f}" for a, v in s["bias"].items() if v["mean"] is not None)
         print(f"{name:>12}: bias {bias}; face rate {s['face_rate']:.3f}")

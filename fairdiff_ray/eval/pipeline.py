@@ -93,6 +93,12 @@ def plan_parts(spec: dict[str, Any], prompts: list[EvalPrompt], m: int, per_part
     return parts
 
 
+def plan_for(cfg: FairDiffConfig, models: dict[str, str | None], prompts: list[EvalPrompt], out_dir: Path) -> list[Part]:
+    """The parts an evaluation of ``models`` on ``prompts`` with ``cfg`` consists of (nothing is written)."""
+    return plan_parts(eval_spec(cfg, models), prompts, cfg.eval.images_per_prompt, cfg.eval.prompts_per_part,
+                      out_dir)
+
+
 def _write_part(path: Path, rows: list[dict[str, Any]]) -> None:
     rows = sorted(rows, key=lambda r: (r["concept"], r["prompt"], r["j"]))
     for r in rows:
@@ -109,21 +115,30 @@ def _batch_rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
 
 
 class _Collector:
-    """Buffers scored rows per part; writes a part the moment it is complete and reports progress."""
+    """Buffers scored rows per part; writes a part the moment it is complete and reports progress.
+
+    Rows are keyed by (prompt, j) within their part, so a batch delivered twice (a task retried after its
+    actor died mid-stream) cannot duplicate or overflow a part; rows of an already written part are dropped.
+    """
 
     def __init__(self, pending: list[Part], m: int, log: Callable[[str], None]):
         self.expected = {str(p.path): len(p.prompts) * m for p in pending}
         self.names = {str(p.path): f"{p.model}/{p.path.name}" for p in pending}
-        self.buf: dict[str, list[dict[str, Any]]] = {k: [] for k in self.expected}
+        self.buf: dict[str, dict[tuple[str, int], dict[str, Any]]] = {k: {} for k in self.expected}
         self.done, self.images, self.t0, self.log = 0, 0, time.perf_counter(), log
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         for row in _batch_rows(batch):
             key = row["part"]
-            self.buf[key].append(row)
+            if key not in self.buf:
+                continue  # a repeat of a part already written
+            ident = (row["prompt"], int(row["j"]))
+            if ident in self.buf[key]:
+                continue
+            self.buf[key][ident] = row
             self.images += 1
             if len(self.buf[key]) == self.expected[key]:
-                _write_part(Path(key), self.buf.pop(key))
+                _write_part(Path(key), list(self.buf.pop(key).values()))
                 self.done += 1
                 rate = self.images / max(time.perf_counter() - self.t0, 1e-9)
                 self.log(f"[evaluate] part {self.done}/{len(self.expected)} done: {self.names[key]} "
@@ -141,9 +156,17 @@ def run_local(rows: list[dict[str, Any]], spec: dict[str, Any], batch_size: int,
         sink.add(score(gen(batch)))
 
 
+# An actor that dies (OOM, a lost node, a killed process) is restarted and its batches are run again, a few
+# times: Ray Data's own default retries forever, which turns a deterministic crash into a hang.
+ACTOR_RESTARTS = 3
+TASK_RETRIES = 3
+
+
 def run_ray(rows: list[dict[str, Any]], spec: dict[str, Any], cfg: FairDiffConfig, sink: _Collector,
             gen_loader: Any = None, score_loader: Any = None) -> None:
-    """Ray Data: generation actors -> scoring actor -> streamed to the driver, which writes parts."""
+    """Ray Data: generation actors -> scoring actor -> streamed to the driver, which writes parts. Actors are
+    restarted (``ACTOR_RESTARTS``) and their batches retried (``TASK_RETRIES``) after a crash; images depend
+    only on (model, prompt, seed), so a retried batch gives the same rows."""
     import ray
     import ray.data
 
@@ -157,11 +180,13 @@ def run_ray(rows: list[dict[str, Any]], spec: dict[str, Any], cfg: FairDiffConfi
         GenerateImages, fn_constructor_kwargs={"spec": spec, "loader": gen_loader},
         batch_size=ev.batch_size, compute=ray.data.ActorPoolStrategy(size=ev.num_actors),
         num_cpus=ev.cpus_per_actor, num_gpus=ev.gpus_per_actor or None,
+        max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES,
     )
     ds = ds.map_batches(
         ScoreImages, fn_constructor_kwargs={"spec": spec, "loader": score_loader},
         batch_size=ev.batch_size, compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=ev.cpus_per_actor, num_gpus=ev.gpus_per_actor or None,
+        max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES,
     )
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         sink.add(batch)
@@ -180,7 +205,7 @@ def generate_and_score(
     """Make sure every part of the plan exists (reusing finished ones); returns all part paths in order."""
     spec = eval_spec(cfg, models)
     m = cfg.eval.images_per_prompt
-    parts = plan_parts(spec, prompts, m, cfg.eval.prompts_per_part, out_dir)
+    parts = plan_for(cfg, models, prompts, out_dir)
     pending = [p for p in parts if not p.path.is_file()]
     log(f"[evaluate] {len(prompts)} prompts x {m} images x {len(models)} models: "
         f"{len(parts) - len(pending)}/{len(parts)} parts already done")
