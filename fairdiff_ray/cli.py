@@ -37,8 +37,6 @@ JOB_FILES = {
 }
 
 
-# Input checks run before a job that starts Ray (fairdiff_ray.preflight): a mistake is one line, nothing started.
-PRECHECKS: dict[str, str] = {"debias": "check_debias_argv"}
 
 
 def _job_main(job: str) -> Callable[[list[str]], int]:
@@ -110,8 +108,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         fn = _config_main if command == "config" else _resolve(command)
-        if command in PRECHECKS:
-            getattr(importlib.import_module("fairdiff_ray.preflight"), PRECHECKS[command])(rest)
         return int(fn(rest) or 0)
     except UserError as e:
         print(f"fairdiff {command}: error: {e}", file=sys.stderr)

@@ -48,6 +48,9 @@ def run_demo(cfg: FairDiffConfig, log: Any = None) -> dict[str, Any]:
     """Train (or reuse) the adaptor, evaluate base and debiased, write the report; returns summary.json's dict."""
     from fairdiff_ray.dist.trainer import run_debias
     from fairdiff_ray.eval.run import run_evaluation
+    from fairdiff_ray.preflight import check_debias_inputs
+
+    check_debias_inputs(cfg)  # one-line errors before any cluster starts
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     run_dir = Path(cfg.run.storage) / cfg.run.name

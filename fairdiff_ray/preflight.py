@@ -4,7 +4,7 @@ Each check reads metadata only - directory listings, JSON files, safetensors hea
 tokenizer - so a mistake costs seconds and leaves no cluster, run directory or output behind. A mistake raises a
 UserError naming the file / key / value; prompts the tokenizer will truncate print one warning line instead.
 
-- ``check_debias_inputs(cfg)``: `fairdiff debias` (the CLI runs it before the job; see cli.PRECHECKS);
+- ``check_debias_inputs(cfg)``: `fairdiff debias` (jobs/debias.py and the demo run it before Ray starts);
 - ``check_eval_inputs(cfg, adaptors)``: `fairdiff evaluate` (run_evaluation runs it first);
 - `fairdiff generate` checks its own flags (generate.main) with the same functions.
 """
@@ -60,16 +60,6 @@ def check_debias_inputs(cfg: FairDiffConfig) -> None:
     _check_features(cfg)
     prompts = check_prompt_sets(cfg)
     _warn_long(cfg, prompts, cfg.adaptor.soft_tokens if cfg.adaptor.kind == "soft_prompt" else 0)
-
-
-def check_debias_argv(argv: list[str]) -> None:
-    """`fairdiff debias ARGS`: the job's own arguments, checked before the job imports Ray."""
-    from fairdiff_ray.jobs_common import config_parser, parse_config
-
-    if any(a in ("-h", "--help") for a in argv):
-        return  # the job prints its help
-    cfg, _ = parse_config(argv, config_parser("fairdiff debias", "Finetune an adaptor towards a target."))
-    check_debias_inputs(cfg)
 
 
 def check_eval_inputs(cfg: FairDiffConfig, adaptors: dict[str, str], models: bool = True,

@@ -21,9 +21,11 @@ from fairdiff_ray.jobs_common import config_parser, parse_config, run_job  # noq
 
 def main(argv: list[str]) -> int:
     from fairdiff_ray.dist.trainer import run_debias
+    from fairdiff_ray.preflight import check_debias_inputs
 
     parser = config_parser("fairdiff debias", "Finetune an adaptor towards a target attribute distribution.")
     cfg, _ = parse_config(argv, parser)
+    check_debias_inputs(cfg)  # model, classifier classes, detector, prompt sets: before Ray starts
     run_debias(cfg)
     return 0
 
