@@ -1,7 +1,9 @@
 """Sweep results: one table row per trial (config values + final metrics), plots, and the best trial.
 
-Columns: `trial`, `status`, one column per swept config path (`cfg:<path>`), and the trial's last reported
-metrics (`objective`, `bias/<attr>`, `freq/<attr>/<class>`, `drift`, ...).
+Columns: `trial`, `status` (OK: trained and exported; STOPPED: stopped early by ASHA; ERROR), one column per swept
+config path (`cfg:<path>`), the trial's adaptor `kind` and `rank`, the requested shares of its non-uniform targets
+(`want/<attr>/<class>`), the shares at its first validation (`first/<attr>/<class>`) and its last reported metrics
+(`objective`, `distance`, `drift`, `bias/<attr>`, `freq/<attr>/<class>`, `loss/...`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ def write_table(rows: list[dict[str, Any]], out_dir: Path) -> pd.DataFrame:
     tmp = out_dir / ".trials.parquet.tmp"
     df.assign(**{c: df[c].map(json.dumps) for c in df.columns if df[c].map(lambda v: isinstance(v, (list, dict))).any()}).to_parquet(tmp)
     tmp.replace(out_dir / "trials.parquet")
-    keep = [c for c in df.columns if c in ("trial", "status", "objective", "drift") or c.startswith(("cfg:", "bias/", "freq/"))]
+    keep = [c for c in df.columns if c in ("trial", "status", "kind", "rank", "objective", "distance", "drift")
+            or c.startswith(("cfg:", "bias/", "want/", "first/", "freq/"))]
     atomic_write_text(out_dir / "trials.md", to_markdown(df[keep]))
     return df
 
@@ -50,7 +53,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i])
 
 
-def write_plots(df: pd.DataFrame, out_dir: Path, requested: dict[int, dict[str, float]] | None = None) -> list[Path]:
+def write_plots(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     """bias_vs_rank.png, pareto.png and (for non-uniform targets) shares.png; returns the files written."""
     import matplotlib
 
@@ -58,20 +61,20 @@ def write_plots(df: pd.DataFrame, out_dir: Path, requested: dict[int, dict[str, 
     import matplotlib.pyplot as plt
 
     written: list[Path] = []
-    bias_cols = [c for c in df.columns if c.startswith("bias/")]
-    if "cfg:adaptor.rank" in df and bias_cols:
+    done = df[df["status"] != "ERROR"] if "status" in df else df
+    bias_cols = [c for c in done.columns if c.startswith("bias/")]
+    if "rank" in done and bias_cols and len(done):
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        kinds = df["cfg:adaptor.kind"] if "cfg:adaptor.kind" in df else pd.Series(["adaptor"] * len(df))
-        for kind in sorted(set(kinds)):
-            sub = df[kinds == kind].sort_values("cfg:adaptor.rank")
+        for kind in sorted(set(done["kind"])):
+            sub = done[done["kind"] == kind].groupby("rank")[bias_cols].mean().sort_index()
             for c in bias_cols:
-                ax.plot(sub["cfg:adaptor.rank"], sub[c], marker="o", label=f"{kind} {c.removeprefix('bias/')}")
+                ax.plot(sub.index, sub[c], marker="o", label=f"{kind} {c.removeprefix('bias/')}")
         ax.set_xlabel("LoRA rank")
-        ax.set_ylabel("bias (lower is fairer)")
+        ax.set_ylabel("bias (lower is fairer; mean over trials)")
         ax.legend(fontsize=7)
         written.append(_save(fig, out_dir / "bias_vs_rank.png"))
-    if "drift" in df and bias_cols:
-        pts = [(float(df[bias_cols].iloc[i].mean()), float(df["drift"].iloc[i])) for i in range(len(df))]
+    if "drift" in done and bias_cols:
+        pts = [(float(done[bias_cols].iloc[i].mean()), float(done["drift"].iloc[i])) for i in range(len(done))]
         ok = [i for i, p in enumerate(pts) if all(map(math.isfinite, p))]
         if ok:
             fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -79,23 +82,26 @@ def write_plots(df: pd.DataFrame, out_dir: Path, requested: dict[int, dict[str, 
             front = [ok[k] for k in pareto_front([pts[i] for i in ok])]
             ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "o-", c="#c33", label="Pareto front")
             for i in ok:
-                ax.annotate(str(df["trial"].iloc[i])[-5:], pts[i], fontsize=6)
+                ax.annotate(str(done["trial"].iloc[i])[-5:], pts[i], fontsize=6)
             ax.set_xlabel("mean bias")
             ax.set_ylabel("semantic drift")
             ax.legend(fontsize=7)
             written.append(_save(fig, out_dir / "pareto.png"))
-    if requested:
-        rows = [(i, k, want, df.loc[i, f"freq/{k}"]) for i, req in requested.items() for k, want in req.items()
-                if f"freq/{k}" in df and _is_num(df.loc[i, f"freq/{k}"])]
-        if rows:
-            fig, ax = plt.subplots(figsize=(4, 4))
-            ax.scatter([r[2] for r in rows], [r[3] for r in rows])
-            ax.plot([0, 1], [0, 1], "--", c="#888")
-            for r in rows:
-                ax.annotate(r[1], (r[2], r[3]), fontsize=6)
-            ax.set_xlabel("requested share")
-            ax.set_ylabel("achieved share")
-            written.append(_save(fig, out_dir / "shares.png"))
+    rows = [(str(r["trial"]), c.removeprefix("want/"), float(r[c]), r.get(f"freq/{c.removeprefix('want/')}"),
+             r.get(f"first/{c.removeprefix('want/')}"))
+            for _, r in done.iterrows() for c in done.columns if c.startswith("want/") and _is_num(r[c])]
+    rows = [x for x in rows if _is_num(x[3])]
+    if rows:
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        for trial, key, want, got, first in rows:
+            if _is_num(first):  # where the trial's first validation was, to where it ended
+                ax.annotate("", (want, got), (want, first), arrowprops={"arrowstyle": "->", "color": "#bbb"})
+            ax.scatter([want], [got], c="#c33", s=14)
+            ax.annotate(f"{key} {trial[-5:]}", (want, got), fontsize=5)
+        ax.plot([0, 1], [0, 1], "--", c="#888")
+        ax.set_xlabel("requested share")
+        ax.set_ylabel("achieved share (arrow: from the first validation)")
+        written.append(_save(fig, out_dir / "shares.png"))
     return written
 
 

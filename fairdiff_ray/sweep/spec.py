@@ -6,7 +6,7 @@ sweep:
   name: synthetic-sweep
   storage: runs/sweeps
   base: configs/synthetic_age_75_25.yaml
-  overrides: [train.steps=40]
+  overrides: [train.steps=40, train.validate_every=10]   # the objective needs periodic validation
   search: grid            # grid | random | optuna
   num_samples: 1          # grid: repeats of the grid; random / optuna: number of trials
   space:
@@ -16,6 +16,8 @@ sweep:
   asha: {grace_period: 10, reduction_factor: 2}  # optional early stopping on the objective
 ```
 
+Trials are ranked (and ASHA stops them) on the objective of the workers' periodic validation, distance to the
+target + ``semantic_weight`` x semantic drift (see dist/tune.py), so ``train.validate_every`` must be set.
 Every value of the space is checked against the run config before anything starts, so a misspelt path or a
 value of the wrong type fails at once with the key named.
 """
@@ -114,6 +116,18 @@ class SweepSpec(_S):
         return (int(__import__("math").prod(sizes)) if sizes else 1) * self.num_samples
 
 
+def check_validation(cfg: FairDiffConfig, spec: SweepSpec, where: str) -> None:
+    """The objective comes from the workers' periodic validation: it must run, and before ASHA's first cut."""
+    every = cfg.train.validate_every
+    if every == 0:
+        raise ConfigError(f"{where}: train.validate_every is 0 in the sweep's run config, so trials report no "
+                          "objective: add e.g. train.validate_every=10 to sweep.overrides")
+    if spec.asha and spec.asha.grace_period < every:
+        raise ConfigError(f"{where}: sweep.asha.grace_period={spec.asha.grace_period} is below "
+                          f"train.validate_every={every}: ASHA would cut trials before their first validation; "
+                          f"use a grace_period of at least {every}")
+
+
 def override_for(path: str, value: Any) -> str:
     """``path=value`` with the value written as one-line YAML (lists and dicts in flow style)."""
     text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
@@ -151,4 +165,5 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpe
             spec.base_config([override_for(k, v) for k, v in zip(grid_keys, combo)])
         except ConfigError as e:
             raise ConfigError(f"{path}: sweep grid point {dict(zip(grid_keys, combo))} is invalid: {e}") from None
+    check_validation(spec.base_config(), spec, str(path))
     return spec
