@@ -26,7 +26,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("overrides", nargs="*", help="overrides of the sweep file, e.g. name=my-sweep num_samples=4")
     args = p.parse_args(argv)
     spec = load_sweep(args.config, args.overrides)
-    out = run_sweep(spec)
+    try:
+        out = run_sweep(spec)
+    except RuntimeError as e:  # no trial finished; the table of what happened is written
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"sweep results: {out}/trials.md, plots: {out}/*.png, best adaptor: {out}/best_adaptor")
     return 0
 

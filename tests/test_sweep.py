@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from fairdiff_ray.errors import ConfigError
 from fairdiff_ray.sweep.spec import load_sweep, override_for
 
 pytestmark = pytest.mark.slow
@@ -126,3 +127,7 @@ def test_second_invocation_resumes_and_reruns_nothing(sweep, capsys):
     assert "resuming" in capsys.readouterr().out
     assert _state(out) == before  # no trial trained, reported or exported again
     pd.testing.assert_frame_equal(pd.read_parquet(out / "trials.parquet"), table)
+    changed = spec.model_copy(update={"semantic_weight": 2.0})
+    with pytest.raises(ConfigError, match="was started with different sweep.semantic_weight"):
+        run_sweep(changed)  # a resume replays the stored space: a changed sweep file is refused
+    assert _state(out) == before

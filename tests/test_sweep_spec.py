@@ -52,3 +52,74 @@ def test_missing_base(tmp_path: Path) -> None:
     p.write_text("sweep:\n  name: t\n  base: nowhere.yaml\n  space:\n    adaptor.rank: {grid: [2]}\n")
     with pytest.raises(ConfigError, match="sweep.base 'nowhere.yaml' does not exist"):
         load_sweep(p)
+
+
+def test_the_objective_needs_periodic_validation(tmp_path: Path) -> None:
+    p = tmp_path / "s.yaml"
+    base = ROOT / "configs/synthetic_gender.yaml"
+    p.write_text(f"sweep:\n  name: t\n  base: {base}\n  space:\n    adaptor.rank: {{grid: [2]}}\n")
+    with pytest.raises(ConfigError, match=r"train.validate_every is 0.*sweep.overrides"):
+        load_sweep(p)
+    p.write_text(f"sweep:\n  name: t\n  base: {base}\n  overrides: [train.validate_every=10]\n"
+                 "  asha: {grace_period: 5}\n  space:\n    adaptor.rank: {grid: [2]}\n")
+    with pytest.raises(ConfigError, match=r"grace_period=5 is below train.validate_every=10"):
+        load_sweep(p)
+    assert load_sweep(p, ["asha.grace_period=10"]).asha.grace_period == 10
+
+
+def test_concurrency_from_cluster_resources() -> None:
+    from fairdiff_ray.dist.tune import max_concurrent
+
+    spec = load_sweep(ROOT / "configs/sweep_synthetic.yaml")
+    one = spec.base_config(["ray.cpus_per_worker=1"])
+    assert max_concurrent(spec, one, {"CPU": 4.0}) == 3  # one CPU of head-room for Ray Data tasks
+    assert max_concurrent(spec, one, {"CPU": 1.0}) == 1  # no room for head-room: one trial at a time
+    two = spec.base_config(["ray.cpus_per_worker=2"])
+    assert max_concurrent(spec, two, {"CPU": 2.0}) == 1 and max_concurrent(spec, two, {"CPU": 16.0}) == 7
+    gpu = spec.base_config(["ray.use_gpu=true", "ray.num_workers=2", "ray.cpus_per_worker=1"])
+    assert max_concurrent(spec, gpu, {"CPU": 64.0, "GPU": 4.0}) == 2
+    with pytest.raises(ConfigError, match=r"needs ray.num_workers x ray.cpus_per_worker = 2 CPUs.*has 1"):
+        max_concurrent(spec, two, {"CPU": 1.0})
+    with pytest.raises(ConfigError, match=r"needs 2 GPUs"):
+        max_concurrent(spec, gpu, {"CPU": 64.0, "GPU": 1.0})
+    fixed = load_sweep(ROOT / "configs/sweep_synthetic.yaml", ["max_concurrent_trials=2"])
+    assert max_concurrent(fixed, one, {"CPU": 16.0}) == 2
+
+
+def test_reweighed_objective_and_asha_clock() -> None:
+    from fairdiff_ray.dist.tune import reweigh
+
+    m = {"step": 9, "distance": 0.25, "drift": 0.5, "objective": 0.75, "loss/total": 1.0}
+    assert reweigh(m, 2.0) == {**m, "steps_done": 10, "objective": 1.25}
+    assert reweigh({"step": 0, "objective": 0.3}, 2.0) == {"step": 0, "steps_done": 1, "objective": 0.3}
+    assert m["objective"] == 0.75  # a copy
+
+
+def test_finalize_run_exports_a_finished_trial_from_its_last_checkpoint(tmp_path: Path) -> None:
+    import json
+
+    from fairdiff_ray.dist.tune import finalize_run
+
+    run = tmp_path / "trial_x"
+    assert not finalize_run(run, 4)
+    (run / "checkpoint_00000002" / "adaptor").mkdir(parents=True)  # an earlier checkpoint: not finished
+    (run / "checkpoint_00000002" / "state.json").write_text('{"step": 2}')
+    assert not finalize_run(run, 4)
+    last = run / "checkpoint_00000004"
+    (last / "adaptor").mkdir(parents=True)
+    (last / "adaptor" / "pytorch_lora_weights.safetensors").write_bytes(b"w")
+    (last / "state.json").write_text('{"step": 4, "skipped": 1}')
+    assert finalize_run(run, 4)
+    assert (run / "adaptor" / "pytorch_lora_weights.safetensors").read_bytes() == b"w"
+    done = json.loads((run / "finished.json").read_text())
+    assert done["steps"] == 4 and done["skipped"] == 1 and done["checkpoint"] == str(last)
+    (last / "adaptor" / "pytorch_lora_weights.safetensors").write_bytes(b"changed")
+    assert finalize_run(run, 4)  # finished.json: nothing copied again
+    assert (run / "adaptor" / "pytorch_lora_weights.safetensors").read_bytes() == b"w"
+
+
+def test_pareto_front() -> None:
+    from fairdiff_ray.sweep.results import pareto_front
+
+    pts = [(0.5, 0.1), (0.2, 0.3), (0.6, 0.05), (0.4, 0.4), (0.2, 0.3), (0.1, 0.9)]
+    assert pareto_front(pts) == [5, 1, 4, 0, 2]  # (0.4, 0.4) is dominated by (0.2, 0.3); ties both stay

@@ -1,9 +1,11 @@
 """Ray Tune driver for sweeps (Ray Train V2 pattern): each trial is a function that builds and fits its own
 TorchTrainer, whose reports reach Tune through a TuneReportCallback.
 
-Layout of ``<sweep.storage>/<sweep.name>/``: ``tune/`` (Tune's experiment state: what makes a second invocation
-resume), ``trials/<trial>/`` (each trial's Ray Train run directory: checkpoints, ``metrics.jsonl``, ``adaptor/``,
-``finished.json``), ``trials.parquet`` + ``trials.md``, the plots, ``best.json`` and ``best_adaptor/``.
+Layout of ``<sweep.storage>/<sweep.name>/``: ``sweep.json`` (the sweep as started), ``tune/`` (Tune's experiment
+state: what makes a second invocation resume; finished trials are not re-run, unfinished and errored ones
+resume from their last checkpoint), ``trials/<trial>/`` (each trial's Ray Train run directory: checkpoints,
+``metrics.jsonl``, ``adaptor/``, ``finished.json``), ``trials.parquet`` + ``trials.md``, the plots,
+``best.json`` and ``best_adaptor/``.
 
 Objective (minimised, and what ASHA stops on): ``distance + sweep.semantic_weight x drift`` from the workers'
 periodic validation (``core.metrics.validation_objective``: distance of the held-out prompts' attribute
@@ -38,6 +40,7 @@ from fairdiff_ray.sweep.spec import SweepSpec, override_for
 TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 2**20}
 WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 HEADROOM_CPUS = 1.0
+SPEC_FILE = "sweep.json"  # the sweep as started: a resume must match it
 
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:
@@ -166,13 +169,11 @@ def max_concurrent(spec: SweepSpec, cfg: FairDiffConfig, resources: dict[str, fl
     return max(1, fits)
 
 
-def _tuner(spec: SweepSpec, base: FairDiffConfig, sweep_dir: Path, trainable: Any) -> Any:
-    import ray
+def _tuner(spec: SweepSpec, base: FairDiffConfig, sweep_dir: Path, trainable: Any, limit: int) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     space = {**param_space(spec), "__spec": spec.model_dump_json(), "__sweep_dir": str(sweep_dir)}
-    limit = max_concurrent(spec, base, ray.cluster_resources())
     if spec.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
@@ -196,6 +197,7 @@ def _tuner(spec: SweepSpec, base: FairDiffConfig, sweep_dir: Path, trainable: An
         tune_config=tune.TuneConfig(
             metric="objective", mode="min", search_alg=search_alg, scheduler=scheduler,
             num_samples=spec.num_samples, trial_name_creator=trial_name, trial_dirname_creator=trial_name,
+            reuse_actors=True,  # a trial driver process (imports, Ray Data set-up) serves the next trial too
             max_concurrent_trials=tune_limit,
         ),
         run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1),
@@ -217,17 +219,20 @@ def run_sweep(spec: SweepSpec) -> Path:
     check_prompt_sets(base)
     if not ray.is_initialized():
         ray.init(address=base.ray.address)
+    limit = max_concurrent(spec, base, ray.cluster_resources())  # before anything is written
     # Trials read the model and prompt files by the paths the configs give (relative to where the sweep was
     # started); they write only under the sweep directory, so Tune must not move them into their trial dirs.
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
-    sweep_dir.mkdir(parents=True, exist_ok=True)
     trainable = tune.with_resources(_trial_fn, TRIAL_DRIVER_RESOURCES)
     exp_dir = sweep_dir / "tune"
     if tune.Tuner.can_restore(str(exp_dir)):
+        _check_same_sweep(spec, sweep_dir)
         print(f"[sweep] resuming {exp_dir}: finished trials are not re-run", flush=True)
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
     else:
-        tuner = _tuner(spec, base, sweep_dir, trainable)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(sweep_dir / SPEC_FILE, spec.model_dump_json(indent=1) + "\n")
+        tuner = _tuner(spec, base, sweep_dir, trainable, limit)
     grid = tuner.fit()
     df = write_table(collect_rows(spec, grid, sweep_dir), sweep_dir)
     write_plots(df, sweep_dir)
@@ -238,6 +243,21 @@ def run_sweep(spec: SweepSpec) -> Path:
         raise RuntimeError(f"no trial of sweep {spec.name!r} finished ({counts}): see the error files under "
                            f"{sweep_dir / 'tune'} and run the sweep again to resume")
     return sweep_dir
+
+
+def _check_same_sweep(spec: SweepSpec, sweep_dir: Path) -> None:
+    """Resuming replays the stored search space, so the sweep file must be the one the sweep started with
+    (sweep.max_concurrent_trials aside)."""
+    try:
+        old = SweepSpec.model_validate_json((sweep_dir / SPEC_FILE).read_text())
+    except (OSError, ValueError):
+        return  # started before sweep.json existed: nothing to compare against
+    keep = {"max_concurrent_trials"}
+    a, b = old.model_dump(exclude=keep), spec.model_dump(exclude=keep)
+    diff = sorted(k for k in a if a[k] != b[k])
+    if diff:
+        raise ConfigError(f"sweep {spec.name!r} in {sweep_dir} was started with different sweep.{', sweep.'.join(diff)}: "
+                          "resume it with the same sweep file, or give the new sweep another sweep.name")
 
 
 def collect_rows(spec: SweepSpec, grid: Any, sweep_dir: Path) -> list[dict[str, Any]]:
