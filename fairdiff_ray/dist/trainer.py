@@ -3,21 +3,27 @@
 Run directory ``<run.storage>/<run.name>/`` (Ray Train's own run directory too): ``checkpoint_*/`` (the last
 ``train.num_to_keep``), ``metrics.jsonl``, ``tensorboard/``, and after the run ``adaptor/`` (the EMA
 adaptor, stock-diffusers loadable) and ``finished.json``. Starting a run whose directory holds checkpoints
-but no ``finished.json`` resumes it from its last checkpoint (Ray Train V2 restores by name + storage path);
-a finished run is refused unless ``run.overwrite=true``, which starts it afresh.
+but no ``finished.json`` resumes it from its last checkpoint (Ray Train V2 restores by name + storage path),
+or from the newest intact one before it when the last is damaged (dist.ckpt; said on the driver and in the
+worker log). A finished run is refused unless ``run.overwrite=true``, which trains it afresh while the
+finished run waits in ``.<run.name>.previous/`` (local storage): it is deleted when the new run has exported
+its adaptor, and put back if the new run fails or is interrupted (the failed attempt is kept in
+``.<run.name>.failed/``).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from fairdiff_ray.config import FairDiffConfig
 from fairdiff_ray.errors import UserError
-from fairdiff_ray.io import atomic_write_text
+from fairdiff_ray.io import atomic_write_text, swap_in_dir
 
 FINISHED = "finished.json"
 
@@ -87,6 +93,7 @@ def build_trainer(cfg: FairDiffConfig, callbacks: list | None = None, run_config
 
 def export_result(cfg: FairDiffConfig, result: Any) -> Path:
     """Copy the EMA adaptor the final checkpoint holds to <run>/adaptor; write <run>/finished.json."""
+    from fairdiff_ray.dist.ckpt import verify_checkpoint
     from fairdiff_ray.dist.worker import CKPT_STATE, EXPORT_DIR
 
     if result.error is not None:
@@ -95,6 +102,10 @@ def export_result(cfg: FairDiffConfig, result: Any) -> Path:
         raise RuntimeError(f"training run {cfg.run.name!r} produced no checkpoint")
     out = run_dir(cfg) / EXPORT_DIR
     with result.checkpoint.as_directory() as d:
+        damage = verify_checkpoint(d)
+        if damage is not None:
+            raise RuntimeError(f"the final checkpoint {result.checkpoint.path} is damaged ({damage}): run "
+                               f"{cfg.run.name!r} again to retrain from the checkpoint before it")
         src = Path(d) / EXPORT_DIR
         state = json.loads((Path(d) / CKPT_STATE).read_text())
         if not src.is_dir() or int(state["step"]) != cfg.train.steps:
@@ -103,14 +114,14 @@ def export_result(cfg: FairDiffConfig, result: Any) -> Path:
         tmp = out.with_name(f".{EXPORT_DIR}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(src, tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
+    swap_in_dir(tmp, out)
     if _is_uri(cfg.run.storage):
         import pyarrow.fs as pafs
 
         pafs.copy_files(str(out), f"{cfg.run.storage.rstrip('/')}/{cfg.run.name}/{EXPORT_DIR}")
     finished = {"adaptor": str(out), "steps": cfg.train.steps, "skipped": state.get("skipped", 0),
-                "checkpoint": result.checkpoint.path, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                "recovered": state.get("recovered", []), "checkpoint": result.checkpoint.path,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     atomic_write_text(run_dir(cfg) / FINISHED, json.dumps(finished, indent=2) + "\n")
     return out
 
@@ -126,22 +137,89 @@ def check_run_dir(cfg: FairDiffConfig) -> str:
     return "resume" if d.is_dir() and any(d.glob("checkpoint_*")) else "new"
 
 
+def _resume_note(cfg: FairDiffConfig) -> str:
+    """Which checkpoint a resume starts from; names the damaged newer ones (local storage; for URI storage the
+    workers check and say so in their log)."""
+    from fairdiff_ray.dist.ckpt import newest_intact
+
+    d = run_dir(cfg)
+    if _is_uri(cfg.run.storage):
+        return f"[fairdiff] resuming run {cfg.run.name!r} from its last intact checkpoint in {cfg.run.storage}"
+    name, damaged = newest_intact(d)
+    note = f"[fairdiff] resuming run {cfg.run.name!r} from {name or 'step 0 (no intact checkpoint)'} in {d}"
+    if damaged:
+        note = (f"[fairdiff] WARNING: checkpoint {', '.join(n for n, _ in damaged)} of run {cfg.run.name!r} is damaged "
+                f"({'; '.join(r for _, r in damaged)}): resuming from {name or 'nothing'} instead\n" + note)
+    return note
+
+
+def _aside(cfg: FairDiffConfig, what: str) -> Path:
+    d = run_dir(cfg)
+    return d.with_name(f".{d.name}.{what}")
+
+
+def _set_aside_finished(cfg: FairDiffConfig) -> Path | None:
+    """run.overwrite: move the finished run out of Ray's way (a new run must not resume it); None for URI
+    storage, whose local mirror is simply cleared as before."""
+    d = run_dir(cfg)
+    if _is_uri(cfg.run.storage):
+        shutil.rmtree(d)
+        return None
+    previous = _aside(cfg, "previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    d.replace(previous)
+    return previous
+
+
+def _put_back(cfg: FairDiffConfig, previous: Path) -> None:
+    d, failed = run_dir(cfg), _aside(cfg, "failed")
+    shutil.rmtree(failed, ignore_errors=True)
+    if d.exists():
+        d.replace(failed)
+    previous.replace(d)
+    print(f"[fairdiff] run.overwrite: the new run of {cfg.run.name!r} did not finish; the previous finished run is "
+          f"back in {d} (the failed attempt is in {failed})", flush=True)
+
+
+def _fit(trainer: Any, cfg: FairDiffConfig) -> Any:
+    """trainer.fit(), with Ctrl-C (SIGINT) surfacing as KeyboardInterrupt.
+
+    Ray Train installs its own SIGINT handler for the fit: it aborts the run gracefully (the checkpoints
+    already reported stay; running the same config again resumes) and the driver's wait then ends in
+    SystemExit. The handler stays installed after the fit and would turn a later Ctrl-C (say, during an
+    evaluation) into a silent exit, so the previous one is put back.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        return trainer.fit()
+    except SystemExit as e:
+        raise KeyboardInterrupt(f"run {cfg.run.name!r} interrupted: run the same config again to resume") from e
+    finally:
+        if main and handler is not None:
+            signal.signal(signal.SIGINT, handler)
+
+
 def run_debias(cfg: FairDiffConfig, builders: Any = None) -> Path:
     """Connect to Ray (ray.address, else RAY_ADDRESS, else a local cluster), fit (resuming an unfinished run
     of the same name), export the EMA adaptor to <run>/adaptor and print its path."""
-    import ray
-
     from fairdiff_ray.dist.cluster import connect
     from fairdiff_ray.dist.data import check_prompt_sets
 
     check_prompt_sets(cfg)
     mode = check_run_dir(cfg)
-    if mode == "overwrite":
-        shutil.rmtree(run_dir(cfg))
     connect(cfg.ray.address)
     if mode == "resume":
-        print(f"[fairdiff] resuming run {cfg.run.name!r} from its last checkpoint in {run_dir(cfg)}", flush=True)
-    result = build_trainer(cfg, builders=builders).fit()
-    out = export_result(cfg, result)
+        print(_resume_note(cfg), flush=True)
+    previous = _set_aside_finished(cfg) if mode == "overwrite" else None
+    try:
+        result = _fit(build_trainer(cfg, builders=builders), cfg)
+        out = export_result(cfg, result)
+    except BaseException:  # KeyboardInterrupt too: the previous finished run must come back
+        if previous is not None:
+            _put_back(cfg, previous)
+        raise
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
     print(f"adaptor: {out}", flush=True)
     return out

@@ -57,6 +57,8 @@ class Builders:
     components: Callable[[FairDiffConfig, torch.device, torch.dtype], Any] = default_components
     loss: Callable[[FairDiffConfig, torch.device], Any] = default_loss
     fault: Callable[[int, int], None] | None = None  # called as fault(step, rank) before every step (tests)
+    # called as save_fault(steps_done, rank) in the middle of every checkpoint save (tests)
+    save_fault: Callable[[int, int], None] | None = None
 
 
 # -- collectives (no-ops in a single process) ----------------------------------------------------------------
@@ -327,10 +329,14 @@ def export_metadata(cfg: FairDiffConfig, steps_done: int) -> dict[str, Any]:
 
 
 def save_checkpoint(w: Worker, path: Any, steps_done: int, state: dict[str, Any], export: bool) -> None:
-    """Every rank writes its part into ``path`` (Ray merges the ranks' directories into one checkpoint)."""
+    """Every rank writes its part into ``path`` (Ray merges the ranks' directories into one checkpoint), then
+    its manifest (dist.ckpt): a checkpoint missing a rank's manifest or with a file that does not match it is
+    known to be damaged on resume."""
     import json
 
     from safetensors.torch import save_file
+
+    from fairdiff_ray.dist.ckpt import write_manifest
 
     path.mkdir(parents=True, exist_ok=True)
     with w.engine.gathered():
@@ -341,17 +347,34 @@ def save_checkpoint(w: Worker, path: Any, steps_done: int, state: dict[str, Any]
         save_file(sd, str(path / CKPT_ADAPTOR))
         (path / CKPT_STATE).write_text(json.dumps({**state, "step": steps_done, "skipped": w.skipped}, indent=1))
         (path / CKPT_CONFIG).write_text(w.cfg.to_yaml())
+    if w.builders.save_fault is not None:
+        w.builders.save_fault(steps_done, w.rank)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, path / f"rng_rank{w.rank}.pt")
     (path / ENGINE_DIR).mkdir(exist_ok=True)
     w.engine.save(path / ENGINE_DIR)
+    write_manifest(path, w.rank, w.world, steps_done)
 
 
 def _validation_due(cfg: FairDiffConfig, steps_done: int) -> bool:
     every = cfg.train.validate_every
     return every > 0 and (steps_done % every == 0 or steps_done == cfg.train.steps)
+
+
+def _same_on_every_rank(name: str | None) -> None:
+    """Every rank must restore the same checkpoint (they read the same storage; a mismatch is a storage fault)."""
+    _, size = world()
+    if size == 1:
+        return
+    mine = torch.tensor([stable_seed(str(name))], dtype=torch.int64)
+    lo, hi = mine.clone(), mine.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if int(lo) != int(hi):
+        raise RuntimeError(f"workers chose different checkpoints to resume from (this rank: {name}): storage "
+                           "is inconsistent between workers")
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -364,6 +387,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from safetensors.torch import load_file
 
     from fairdiff_ray.config import from_dict
+    from fairdiff_ray.dist.ckpt import checkpoint_name, open_intact
     from fairdiff_ray.dist.data import iter_rows, take_prompts
     from fairdiff_ray.dist.metrics import MetricsWriter
 
@@ -371,12 +395,14 @@ def train_loop(config: dict[str, Any]) -> None:
     builders = config.get("builders") or Builders()
     device = ray.train.torch.get_device() if cfg.ray.use_gpu else torch.device("cpu")
     rank = ray.train.get_context().get_world_rank()
-    ckpt = ray.train.get_checkpoint()
     start, state = 0, {}
-    with ckpt.as_directory() if ckpt else contextlib.nullcontext(None) as d:
+    log = (lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None)
+    # Ray's latest checkpoint, or the newest intact one before it when that one is damaged (said in the log)
+    with open_intact(ray.train.get_checkpoint(), log) as restored:
+        d, attempt = restored.dir, restored.attempt
+        _same_on_every_rank(restored.name)
         adaptor_sd = None
         if d is not None:
-            d = Path(d)
             adaptor_sd = load_file(str(d / CKPT_ADAPTOR))
             state = json.loads((d / CKPT_STATE).read_text())
             start = int(state["step"])
@@ -394,6 +420,9 @@ def train_loop(config: dict[str, Any]) -> None:
     val_prompts = ([r["prompt"] for r in iter_rows(ray.train.get_dataset_shard("val"))]
                    if cfg.train.validate_every else [])
     last_val: dict[str, float] = state.get("last_val", {})
+    # damaged checkpoints skipped on resume, carried into every later checkpoint and finished.json
+    recovered = [*state.get("recovered", []), *({"damaged": n, "problem": r, "resumed_from": restored.name}
+                                                 for n, r in restored.damaged)]
     for step in range(start, cfg.train.steps):
         if builders.fault is not None:
             builders.fault(step, rank)
@@ -408,9 +437,10 @@ def train_loop(config: dict[str, Any]) -> None:
             writer.write(step, metrics)
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
             with tempfile.TemporaryDirectory(prefix="fairdiff-ckpt-") as tmp:
-                save_checkpoint(w, Path(tmp), done, {"last_val": last_val}, export=done == cfg.train.steps)
+                save_checkpoint(w, Path(tmp), done, {"last_val": last_val, "recovered": recovered},
+                                export=done == cfg.train.steps)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"checkpoint_{done:08d}")
+                                 checkpoint_dir_name=checkpoint_name(done, attempt))
         else:
             ray.train.report(metrics)
     if writer is not None:
