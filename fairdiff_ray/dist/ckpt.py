@@ -140,17 +140,24 @@ def open_intact(checkpoint: Any, log: Callable[[str], None]) -> Iterator[Restore
                        "start the run afresh with run.overwrite=true")
 
 
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the run's registered checkpoints
+
+
 def newest_intact(run_dir: Path) -> tuple[str | None, list[tuple[str, str]]]:
-    """Driver-side look at a local run directory: (name of the checkpoint a resume will start from, damaged
-    newer ones). Starts at Ray's latest registered checkpoint (its snapshot) when that file is readable."""
-    names = sorted((p.name for p in run_dir.glob("checkpoint_*") if p.is_dir() and parse_name(p.name)),
-                   key=parse_name, reverse=True)
+    """Driver-side look at a local run directory: (the checkpoint a resume will start from, the damaged newer
+    ones it skips). Starts at Ray's latest registered checkpoint; (None, []) when Ray has none registered (the
+    run starts at step 0). ValueError when Ray's snapshot is unreadable."""
+    path = run_dir / SNAPSHOT
+    if not path.is_file():
+        return None, []
     try:
-        snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-        latest = snap["latest_checkpoint_result"]["checkpoint_dir_name"]
-        names = [n for n in names if parse_name(n) <= parse_name(latest)]  # type: ignore[operator]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # no or unreadable snapshot: look at every checkpoint directory
+        latest = (json.loads(path.read_text()).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path} is unreadable ({type(e).__name__})") from None
+    if latest is None or parse_name(latest) is None:
+        return None, []
+    names = sorted((p.name for p in run_dir.glob("checkpoint_*") if p.is_dir() and parse_name(p.name)
+                    and parse_name(p.name) <= parse_name(latest)), key=parse_name, reverse=True)  # type: ignore[operator]
     damaged = []
     for name in names:
         reason = verify_checkpoint(run_dir / name)

@@ -145,11 +145,18 @@ def _resume_note(cfg: FairDiffConfig) -> str:
     d = run_dir(cfg)
     if _is_uri(cfg.run.storage):
         return f"[fairdiff] resuming run {cfg.run.name!r} from its last intact checkpoint in {cfg.run.storage}"
-    name, damaged = newest_intact(d)
-    note = f"[fairdiff] resuming run {cfg.run.name!r} from {name or 'step 0 (no intact checkpoint)'} in {d}"
+    try:
+        name, damaged = newest_intact(d)
+    except ValueError as e:
+        raise UserError(f"run {cfg.run.name!r}: {e}: delete that file to restart the run from step 0, or pass "
+                        "run.overwrite=true") from None
+    if damaged and name is None:
+        raise UserError(f"run {cfg.run.name!r} in {d} has no intact checkpoint ("
+                        f"{'; '.join(f'{n}: {r}' for n, r in damaged)}): pass run.overwrite=true to start it afresh")
+    note = f"[fairdiff] resuming run {cfg.run.name!r} from {name or 'step 0 (no checkpoint was registered)'} in {d}"
     if damaged:
         note = (f"[fairdiff] WARNING: checkpoint {', '.join(n for n, _ in damaged)} of run {cfg.run.name!r} is damaged "
-                f"({'; '.join(r for _, r in damaged)}): resuming from {name or 'nothing'} instead\n" + note)
+                f"({'; '.join(r for _, r in damaged)}): resuming from {name} instead\n" + note)
     return note
 
 
@@ -208,9 +215,10 @@ def run_debias(cfg: FairDiffConfig, builders: Any = None) -> Path:
 
     check_prompt_sets(cfg)
     mode = check_run_dir(cfg)
+    note = _resume_note(cfg) if mode == "resume" else None  # UserErrors before Ray starts
     connect(cfg.ray.address)
-    if mode == "resume":
-        print(_resume_note(cfg), flush=True)
+    if note:
+        print(note, flush=True)
     previous = _set_aside_finished(cfg) if mode == "overwrite" else None
     try:
         result = _fit(build_trainer(cfg, builders=builders), cfg)
