@@ -1,0 +1,201 @@
+"""Training-step time: the reference schedule vs the fused one, in units of a no-grad generation (issue 8 a, c).
+
+    python bench/bench_step.py                         # synthetic world + tiny model, N=8, T=20, 5 repeats
+    python bench/bench_step.py --models tiny --images 8 --steps 20 --repeats 3
+    python bench/bench_step.py --models sd15 --device cuda --dtype bfloat16 --images 4   # bench/gpu.sh
+
+One process, as one Ray Train worker runs it (a gloo process group of size 1, dist.worker.Worker). Per model a
+Worker for each schedule (train.schedule=reference / fused; same model, N, T, guidance, adaptor, loss) and
+each warmed up with one step. Then, per round, interleaved and in a rotating order:
+  gen        one no-grad generation of the same N images (same prompt, noise, T, guidance, adaptor on, VAE
+             decode; no scoring): the floor a training step is measured against;
+  reference  one training step with train.schedule=reference (reference images, current images under
+             no_grad, then the images again with gradients, backward);
+  fused      one training step with train.schedule=fused.
+Reported: the median over rounds of each time and of each per-round ratio (ratios within a round are side by
+side, so load from other processes on the machine affects both sides alike as far as possible).
+
+Models: ``synthetic`` = assets/synthetic-sd with the synthetic world's detector, classifier and feature net
+(what ``make demo`` trains); ``tiny`` = models/tiny.py with the test suite's stand-in nets; ``sd15`` = the
+SD v1.5 architecture with random weights (bench/sd15.py; ``--sd15-size dry`` for a CPU check of the path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import BENCHMARKS, machine, write_section  # noqa: E402
+
+PROMPT = "A photo of the face of a nurse, a person"
+VARIANTS = ("gen", "reference", "fused")
+
+
+def _overrides(args: argparse.Namespace, model: str) -> list[str]:
+    common = [
+        "adaptor.kind=text_lora", "adaptor.rank=8", "sampler.scheduler=ddim", f"sampler.steps={args.steps}",
+        "sampler.steps_jitter=0", "sampler.guidance_scale=7.5", "sampler.estimator=adjusted",
+        "sampler.checkpoint=true", f"train.images_per_prompt={args.images}", f"train.chunk_size={args.images}",
+        "train.prompts_per_step=1", "train.lr=0.001", "loss.lambda_face=0",
+    ]
+    if args.device == "cuda" or args.dtype != "float32":
+        common += ["deepspeed.enabled=false", f"model.dtype={args.dtype}"]
+    else:
+        common += ["deepspeed.enabled=true", "deepspeed.zero_stage=0", "deepspeed.precision=fp32"]
+    if model == "synthetic":
+        return [f"model.path={ROOT / 'assets' / 'synthetic-sd'}", "faces.detector=synthetic",
+                "classifier.kind=synthetic", "features.synthetic=default", "loss.lambda_img=16", *common]
+    return ["loss.lambda_img=1", *common]
+
+
+def _builders(model: str, sd15_size: str):  # noqa: ANN202
+    if model == "synthetic":
+        return None
+    from fairdiff_ray.dist.worker import Builders
+    from tests._helpers_train import tiny_components, tiny_loss
+
+    if model == "tiny":
+        return Builders(components=tiny_components, loss=tiny_loss)
+    from bench.sd15 import dry_components, full_components
+
+    return Builders(components=full_components if sd15_size == "full" else dry_components, loss=tiny_loss)
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(args: argparse.Namespace, model: str) -> dict:
+    import torch
+
+    from fairdiff_ray.config import load_config
+    from fairdiff_ray.dist.worker import Worker
+
+    device = torch.device(args.device)
+    builders = _builders(model, args.sd15_size)
+    workers = {}
+    for schedule in ("reference", "fused"):
+        cfg = load_config(None, [*_overrides(args, model), f"train.schedule={schedule}", *args.set])
+        workers[schedule] = Worker(cfg, device, builders)
+    w = workers["fused"]
+    cfg = w.cfg
+    n, steps = cfg.train.images_per_prompt, cfg.sampler.steps
+
+    def gen(step: int) -> None:
+        x_T = w._noise(step, 0, slice(0, n))
+        with torch.no_grad():
+            w.generate([PROMPT] * n, x_T, steps, grad=False)
+
+    calls = {"gen": gen, "reference": lambda s: workers["reference"].train_step([PROMPT], s),
+             "fused": lambda s: workers["fused"].train_step([PROMPT], s)}
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for v in VARIANTS:  # warm-up (allocator, kernels, DeepSpeed's first step)
+        calls[v](0)
+    _sync(args.device)
+    for r in range(args.repeats):
+        order = VARIANTS[r % 3:] + VARIANTS[: r % 3]
+        for v in order:
+            _sync(args.device)
+            t0 = time.perf_counter()
+            calls[v](r + 1)
+            _sync(args.device)
+            times[v].append(time.perf_counter() - t0)
+        print(f"{model} round {r + 1}: " + ", ".join(f"{v} {times[v][-1]:.3f} s" for v in VARIANTS), flush=True)
+    med = {v: statistics.median(t) for v, t in times.items()}
+    ratio = {
+        "fused/reference": statistics.median(f / r for f, r in zip(times["fused"], times["reference"])),
+        "reference/gen": statistics.median(r / g for r, g in zip(times["reference"], times["gen"])),
+        "fused/gen": statistics.median(f / g for f, g in zip(times["fused"], times["gen"])),
+    }
+    peak = None
+    if args.device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    return {"model": model, "images": n, "steps": steps, "dtype": str(compute_dtype_name(cfg)), "median_s": med,
+            "ratio": ratio, "repeats": args.repeats, "peak_gib": peak}
+
+
+def compute_dtype_name(cfg) -> str:  # noqa: ANN001
+    from fairdiff_ray.dist.engine import compute_dtype
+
+    return str(compute_dtype(cfg)).removeprefix("torch.")
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | N | T | dtype | gen s | reference s | fused s | fused / reference | reference / gen | "
+             "fused / gen |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m, q = r["median_s"], r["ratio"]
+        lines.append(f"| {r['model']} | {r['images']} | {r['steps']} | {r['dtype']} | {m['gen']:.3f} | "
+                     f"{m['reference']:.3f} | {m['fused']:.3f} | {q['fused/reference']:.2f}x | "
+                     f"{q['reference/gen']:.2f} | {q['fused/gen']:.2f} |")
+    return "\n".join(lines)
+
+
+def section(rows: list[dict], args: argparse.Namespace) -> str:
+    import torch
+
+    dev = args.device if args.device != "cuda" else f"cuda ({torch.cuda.get_device_name()})"
+    return (
+        "## Training step: reference vs fused schedule, in no-grad generations (bench/bench_step.py)\n\n"
+        f"{machine()}, device {dev}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. One process, one "
+        "dist.worker.Worker per schedule (gloo group of size 1), one prompt, N images in one chunk, T DDIM steps, "
+        "guidance 7.5, text-encoder LoRA rank 8, adjusted estimator, checkpointed eps calls and VAE decode. "
+        f"Each variant warmed up once, then {args.repeats} rounds interleaved in rotating order; medians over "
+        "rounds (ratios: median of the per-round ratios). gen = one no-grad generation of the same N images "
+        "(same noise, T, guidance, adaptor on, VAE decode). synthetic = assets/synthetic-sd with the synthetic "
+        "world's nets; tiny = models/tiny.py with the test stand-in nets; sd15 = SD v1.5 architecture, random "
+        "weights, stand-in nets.\n\n" + table(rows))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["synthetic", "tiny"], choices=["synthetic", "tiny", "sd15"])
+    p.add_argument("--images", type=int, default=8, help="N images per step (one chunk)")
+    p.add_argument("--steps", type=int, default=20, help="T sampling steps")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--sd15-size", default="full", choices=["full", "dry"])
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides")
+    p.add_argument("--out", default=str(BENCHMARKS), help="markdown file to write the section into ('-': none)")
+    p.add_argument("--section", default="step", help="section name in --out")
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if args.device == "cuda" else "cpu")
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):  # DeepSpeed / Ray leave nothing behind
+        for model in args.models:
+            rows.append(measure(args, model))
+    text = section(rows, args)
+    print(text)
+    if args.out != "-":
+        write_section(Path(args.out), args.section, text)
+        print(f"wrote {args.out}")
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
