@@ -123,3 +123,29 @@ def test_pareto_front() -> None:
 
     pts = [(0.5, 0.1), (0.2, 0.3), (0.6, 0.05), (0.4, 0.4), (0.2, 0.3), (0.1, 0.9)]
     assert pareto_front(pts) == [5, 1, 4, 0, 2]  # (0.4, 0.4) is dominated by (0.2, 0.3); ties both stay
+
+
+def test_asha_stops_on_steps_done_and_never_at_the_final_report() -> None:
+    from ray.tune.schedulers import TrialScheduler
+
+    from fairdiff_ray.dist.tune import asha_scheduler
+
+    spec = load_sweep(ROOT / "configs/sweep_synthetic.yaml")
+    base = spec.base_config()
+    asha = asha_scheduler(spec, base)
+    asha.set_search_properties("objective", "min")
+
+    class Trial:  # what ASHA reads of a trial
+        def __init__(self, i: int):
+            self.trial_id = f"t{i}"
+
+    good, bad = Trial(0), Trial(1)
+    for t in (good, bad):
+        asha.on_trial_add(None, t)
+    result = {"steps_done": 20, "objective": 0.2}
+    assert asha.on_trial_result(None, good, result) == TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, bad, {**result, "objective": 0.9}) == TrialScheduler.STOP  # cut at rung 20
+    final = {"steps_done": base.train.steps, "objective": 0.2}
+    assert asha.on_trial_result(None, good, {"steps_done": 40, "objective": 0.2}) == TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, good, final) == TrialScheduler.CONTINUE  # left to finish and export
+    assert asha_scheduler(load_sweep(ROOT / "configs/sweep_synthetic.yaml", ["asha=null"]), base) is None

@@ -169,9 +169,21 @@ def max_concurrent(spec: SweepSpec, cfg: FairDiffConfig, resources: dict[str, fl
     return max(1, fits)
 
 
+def asha_scheduler(spec: SweepSpec, base: FairDiffConfig) -> Any:
+    """ASHA on the objective, clocked by steps_done; None without sweep.asha.
+
+    stop_last_trials=False: ASHA would otherwise stop every trial at its final report (steps_done == max_t),
+    before the trial exports its adaptor."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    if spec.asha is None:
+        return None
+    return ASHAScheduler(time_attr="steps_done", grace_period=spec.asha.grace_period,
+                         reduction_factor=spec.asha.reduction_factor, max_t=base.train.steps, stop_last_trials=False)
+
+
 def _tuner(spec: SweepSpec, base: FairDiffConfig, sweep_dir: Path, trainable: Any, limit: int) -> Any:
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     space = {**param_space(spec), "__spec": spec.model_dump_json(), "__sweep_dir": str(sweep_dir)}
     if spec.search == "optuna":
@@ -184,12 +196,7 @@ def _tuner(spec: SweepSpec, base: FairDiffConfig, sweep_dir: Path, trainable: An
 
         # Tune ignores max_concurrent_trials when handed a BasicVariantGenerator: the limit goes in here
         search_alg, tune_limit = BasicVariantGenerator(max_concurrent=limit, random_state=spec.seed), None
-    # stop_last_trials=False: ASHA would otherwise stop every trial at its final report (steps_done == max_t),
-    # before the trial exports its adaptor
-    scheduler = (ASHAScheduler(time_attr="steps_done", grace_period=spec.asha.grace_period,
-                               reduction_factor=spec.asha.reduction_factor, max_t=base.train.steps,
-                               stop_last_trials=False)
-                 if spec.asha else None)
+    scheduler = asha_scheduler(spec, base)
     print(f"[sweep] {spec.search} search, at most {limit} trials at a time", flush=True)
     return tune.Tuner(
         trainable,
@@ -197,7 +204,10 @@ def _tuner(spec: SweepSpec, base: FairDiffConfig, sweep_dir: Path, trainable: An
         tune_config=tune.TuneConfig(
             metric="objective", mode="min", search_alg=search_alg, scheduler=scheduler,
             num_samples=spec.num_samples, trial_name_creator=trial_name, trial_dirname_creator=trial_name,
-            reuse_actors=True,  # a trial driver process (imports, Ray Data set-up) serves the next trial too
+            # Reusing a trial's driver process for the next trial saves its start-up (imports, Ray Data set-up),
+            # but only when no scheduler stops trials: a reused actor keeps a stopped trial's trainer running,
+            # blocked on Tune's report queue, and the sweep stalls.
+            reuse_actors=scheduler is None,
             max_concurrent_trials=tune_limit,
         ),
         run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1),
