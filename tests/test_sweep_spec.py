@@ -98,17 +98,25 @@ def test_reweighed_objective_and_asha_clock() -> None:
 def test_finalize_run_exports_a_finished_trial_from_its_last_checkpoint(tmp_path: Path) -> None:
     import json
 
+    from fairdiff_ray.dist.ckpt import write_manifest
     from fairdiff_ray.dist.tune import finalize_run
+
+    def checkpoint(name: str, step: int, weights: bytes, manifest: bool = True) -> Path:
+        d = run / name
+        (d / "adaptor").mkdir(parents=True)
+        (d / "adaptor" / "pytorch_lora_weights.safetensors").write_bytes(weights)
+        (d / "state.json").write_text(json.dumps({"step": step, "skipped": 1}))
+        if manifest:
+            write_manifest(d, rank=0, world_size=1, step=step)
+        return d
 
     run = tmp_path / "trial_x"
     assert not finalize_run(run, 4)
-    (run / "checkpoint_00000002" / "adaptor").mkdir(parents=True)  # an earlier checkpoint: not finished
-    (run / "checkpoint_00000002" / "state.json").write_text('{"step": 2}')
+    checkpoint("checkpoint_00000002", 2, b"early")  # an earlier checkpoint: not finished
     assert not finalize_run(run, 4)
-    last = run / "checkpoint_00000004"
-    (last / "adaptor").mkdir(parents=True)
-    (last / "adaptor" / "pytorch_lora_weights.safetensors").write_bytes(b"w")
-    (last / "state.json").write_text('{"step": 4, "skipped": 1}')
+    checkpoint("checkpoint_00000004", 4, b"torn", manifest=False)  # an unfinished save of the last step
+    assert not finalize_run(run, 4)
+    last = checkpoint("checkpoint_00000004-1", 4, b"w")  # the last step saved again after a fall-back
     assert finalize_run(run, 4)
     assert (run / "adaptor" / "pytorch_lora_weights.safetensors").read_bytes() == b"w"
     done = json.loads((run / "finished.json").read_text())

@@ -102,21 +102,19 @@ def reweigh(metrics: dict[str, Any], weight: float) -> dict[str, Any]:
 def finalize_run(run: Path, steps: int) -> bool:
     """True when the trial's training finished; exports its adaptor if the trial stopped before doing so.
 
-    The last checkpoint (``checkpoint_<steps>``) already holds the exported EMA adaptor, so a trial whose actor
+    The last checkpoint (``checkpoint_<steps>[-<attempt>]``, intact) already holds the exported EMA adaptor, so a trial whose actor
     was stopped after its final report (by Tune, or an interruption) is completed here from that checkpoint,
     the way dist.trainer.export_result would have (``<run>/adaptor`` + ``finished.json``)."""
+    from fairdiff_ray.dist.ckpt import checkpoint_for_step
     from fairdiff_ray.dist.trainer import FINISHED
     from fairdiff_ray.dist.worker import CKPT_STATE, EXPORT_DIR
 
     if (run / FINISHED).is_file():
         return True
-    ckpt = run / f"checkpoint_{steps:08d}"
-    try:
-        state = json.loads((ckpt / CKPT_STATE).read_text())
-    except (OSError, ValueError):
+    ckpt = checkpoint_for_step(run, steps)  # intact (manifests match), also after a fall-back re-save
+    if ckpt is None or not (ckpt / EXPORT_DIR).is_dir():
         return False
-    if int(state.get("step", -1)) != steps or not (ckpt / EXPORT_DIR).is_dir():
-        return False
+    state = json.loads((ckpt / CKPT_STATE).read_text())
     tmp = run / f".{EXPORT_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(ckpt / EXPORT_DIR, tmp)
