@@ -2,143 +2,252 @@
 
     python bench/bench_sampler_memory.py                   # tiny model + a full-size SD v1.5 UNet, CPU
     python bench/bench_sampler_memory.py --models tiny --steps 10 20 40 80
+    python bench/bench_sampler_memory.py --models sd15 --device cuda --dtype bfloat16 --latent 64   # bench/gpu.sh
 
-Each (model, allocator, T, checkpoint) runs in a fresh interpreter: build the UNet (tiny SD, or the SD v1.5 UNet
-architecture from its config with random weights - nothing is downloaded), sample with the adjusted estimator
-(guidance 7.5, DDIM), backpropagate a loss on x_0 into the UNet. Reported: peak resident set size above the
-resident size just before sampling (CPU, ru_maxrss) or torch.cuda.max_memory_allocated (CUDA), and wall time.
-glibc keeps freed memory in its heap, so every configuration is measured twice: with the default allocator and
-with MALLOC_TRIM_THRESHOLD_=0 (freed memory goes back to the OS, so the peak tracks live tensors), which is
-what the training workers set (dist/ sets it for Ray workers).
+What one measurement does: the UNet (tiny SD, or the SD v1.5 UNet architecture from its config with random
+weights - nothing is downloaded) is frozen, as in text-encoder-LoRA training; the CFG embeddings (2B, 77, D)
+are a leaf that needs a gradient (the text encoder's output); sample B images with the adjusted estimator
+(guidance 7.5, DDIM, ``checkpoint`` on or off), backpropagate a loss on x_0 to the embeddings.
+
+CPU: the model is built once; every measurement runs in a forked child (same starting heap for every variant,
+no interpreter start-up per measurement). The child resets the kernel's peak-RSS mark (/proc/self/clear_refs)
+and reports VmHWM minus its resident size just before sampling. glibc keeps freed memory in its heap, so
+every configuration runs with the default allocator and with the trim threshold at 0
+(``mallopt(M_TRIM_THRESHOLD, 0)`` in the child, what MALLOC_TRIM_THRESHOLD_=0 sets at start-up: freed memory
+goes back to the OS, so the peak tracks live tensors). CUDA: in process, torch.cuda.max_memory_allocated
+above the allocation before sampling (the caching allocator's live tensors; no allocator variants).
+Rounds: every configuration once per round, in a rotating order; the table holds the median over rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
 import json
 import os
-import resource
-import subprocess
+import statistics
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-from bench.common import BENCHMARKS, machine, write_section  # noqa: E402
+from bench.common import BENCHMARKS, machine, write_section, write_summary  # noqa: E402
 
-# Stable Diffusion v1.5 UNet architecture (its published unet/config.json), random weights.
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8,
-)
-ALLOCATORS = {"default": {}, "trim0": {"MALLOC_TRIM_THRESHOLD_": "0"}}
+ALLOCATORS = ("default", "trim0")
+M_TRIM_THRESHOLD = -1  # glibc mallopt parameter number
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
 
 
-def _unet(model: str):  # noqa: ANN202
+def build(model: str, sd15_size: str, latent: int, device: str, dtype: str):  # noqa: ANN201
+    """(unet, latent size, scheduler config) - frozen UNet on device."""
     import torch
-    from diffusers import UNet2DConditionModel
 
     from fairdiff_ray.models.tiny import tiny_components
 
-    torch.manual_seed(0)
     if model == "tiny":
-        return tiny_components(seed=0)["unet"], 16, tiny_components(seed=0)["scheduler"].config
-    from diffusers import DDIMScheduler
+        comp = tiny_components(seed=0)
+        unet, size, sched = comp["unet"], comp["unet"].config.sample_size, comp["scheduler"].config
+    else:
+        from bench import sd15
 
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1)
-    return UNet2DConditionModel(**SD15_UNET), 32, sched.config  # 32x32 latents (256 px) keep CPU runs short
+        unet_cfg = sd15.configs(sd15_size)[0]
+        if device == "cpu":
+            unet = sd15.fast_unet(unet_cfg)
+        else:
+            torch.manual_seed(0)
+            from diffusers import UNet2DConditionModel
+
+            with torch.device(device):
+                unet = UNet2DConditionModel(**unet_cfg)
+        from diffusers import DDIMScheduler
+
+        size, sched = latent if sd15_size == "full" else unet_cfg["sample_size"], DDIMScheduler(**sd15.SCHEDULER).config
+    unet = unet.to(device=device, dtype=getattr(torch, dtype)).eval().requires_grad_(False)
+    return unet, size, sched
 
 
-def child(model: str, steps: int, checkpoint: bool, batch: int, device: str) -> dict:
+def measure(unet, size: int, sched_cfg, steps: int, checkpoint: bool, batch: int, device: str) -> dict:  # noqa: ANN001
     import torch
     from diffusers import DDIMScheduler
 
     from fairdiff_ray.core.sampler import sample_with_grad
 
-    unet, size, sched_cfg = _unet(model)
-    unet = unet.to(device).train().requires_grad_(True)
+    dtype = next(unet.parameters()).dtype
     sched = DDIMScheduler.from_config(sched_cfg)
     g = torch.Generator().manual_seed(0)
-    emb = torch.randn(2 * batch, 77, unet.config.cross_attention_dim, generator=g).to(device)
-    x_T = torch.randn(batch, 4, size, size, generator=g).to(device)
+    emb = (torch.randn(2 * batch, 77, unet.config.cross_attention_dim, generator=g) * 0.5).to(device, dtype)
+    emb.requires_grad_(True)
+    x_T = torch.randn(batch, 4, size, size, generator=g).to(device, dtype)
     eps_fn = lambda x, t: unet(x, t, encoder_hidden_states=emb).sample  # noqa: E731
-    before = _rss_mb()
     if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        base_cuda = torch.cuda.memory_allocated()
+        before = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS mark (Linux >= 4.0)
+            f.write("5")
+        before = _status_kb("VmRSS") * 1024
     t0 = time.perf_counter()
     x0 = sample_with_grad(eps_fn, x_T, sched, estimator="adjusted", checkpoint=checkpoint, num_inference_steps=steps)
-    x0.square().mean().backward()
-    wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before  # KiB on Linux
+    x0.float().square().mean().backward()
     if device == "cuda":
-        peak = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
-    return {"peak_mb": round(peak, 1), "seconds": round(wall, 2)}
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        peak = _status_kb("VmHWM") * 1024 - before
+    wall = time.perf_counter() - t0
+    assert emb.grad is not None and bool(torch.isfinite(emb.grad).all()), "no finite gradient reached the embeddings"
+    return {"peak_mb": round(peak / 2**20, 1), "seconds": round(wall, 2)}
 
 
-def run(model: str, alloc: str, steps: int, ckpt: bool, batch: int, device: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", model, str(steps), str(int(ckpt)), "--batch", str(batch),
-           "--device", device]
-    env = {**os.environ, **ALLOCATORS[alloc], "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    r = {"model": model, "allocator": alloc, "steps": steps, "checkpoint": ckpt, "batch": batch,
-         **json.loads(out.strip().splitlines()[-1])}
-    print(f"{model:5s} {alloc:7s} T={steps:3d} checkpoint={ckpt!s:5s} peak +{r['peak_mb']:8.1f} MB "
-          f"{r['seconds']:7.2f} s", flush=True)
-    return r
+def forked(fn, alloc: str) -> dict:  # noqa: ANN001
+    """fn() in a forked child (glibc trim threshold per ``alloc``); its JSON result, or {"error": ...}."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(r)
+        try:
+            if alloc == "trim0":
+                ctypes.CDLL("libc.so.6").mallopt(M_TRIM_THRESHOLD, 0)
+            out = fn()
+        except BaseException as e:  # noqa: BLE001 - reported to the parent, never raised in a fork
+            out = {"error": f"{type(e).__name__}: {e}"[:200]}
+        os.write(w, json.dumps(out).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    if not data:
+        return {"error": f"child died (status {status}; out of memory?)"}
+    return json.loads(data)
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| model | allocator | checkpoint | " + " | ".join(f"T={t} MB" for t in sorted({r['steps'] for r in rows}))
-             + " | peak T=max / T=min |", ""]
-    steps = sorted({r["steps"] for r in rows})
-    lines[1] = "|---|---|---|" + "---|" * len(steps) + "---|"
-    for key in dict.fromkeys((r["model"], r["allocator"], r["checkpoint"]) for r in rows):
-        by = {r["steps"]: r["peak_mb"] for r in rows if (r["model"], r["allocator"], r["checkpoint"]) == key}
-        ks = sorted(by)
-        ratio = f"{by[ks[-1]] / by[ks[0]]:.2f}x (T={ks[-1]} vs {ks[0]})" if len(ks) > 1 and by[ks[0]] > 0 else "-"
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(str(by.get(t, "-")) for t in steps)
-                     + f" | {ratio} |")
+def _cell(values: list, median: float | None) -> str:
+    if not values:
+        return "not run"
+    return "failed" if median is None else f"{median:.1f}"
+
+
+def table(rows: list[dict], steps: list[int]) -> str:
+    lines = ["| model | allocator | checkpoint | " + " | ".join(f"T={t} MB" for t in steps)
+             + f" | T={steps[-1]} / T={steps[0]} | s at T={steps[-1]} |",
+             "|---|---|---|" + "---|" * len(steps) + "---|---|"]
+    keys = dict.fromkeys((r["model"], r["allocator"], r["checkpoint"]) for r in rows)
+    for key in keys:
+        sel = [r for r in rows if (r["model"], r["allocator"], r["checkpoint"]) == key]
+        by = {t: [r["peak_mb"] for r in sel if r["steps"] == t] for t in steps}
+        med = {t: statistics.median(v) if v and None not in v else None for t, v in by.items()}
+        secs = [r["seconds"] for r in sel if r["steps"] == steps[-1] and r["seconds"] is not None]
+
+        lo, hi = med[steps[0]], med[steps[-1]]
+        ratio = f"{hi / lo:.2f}x" if lo and hi is not None and lo > 0 else "-"
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(_cell(by[t], med[t]) for t in steps)
+                     + f" | {ratio} | {statistics.median(secs) if secs else '-'} |")
     return "\n".join(lines)
+
+
+def _median_peak(rows: list[dict], key: tuple) -> float | None:
+    v = [r["peak_mb"] for r in rows if (r["model"], r["allocator"], r["checkpoint"], r["steps"]) == key]
+    return statistics.median(v) if v and None not in v else None
+
+
+def growth(rows: list[dict], steps: list[int]) -> dict:
+    """{"<model> <allocator>": {t_lo, t_hi, checkpointed: peak ratio, uncheckpointed: peak ratio}} (medians)."""
+    out: dict[str, dict] = {}
+    for model, alloc in dict.fromkeys((r["model"], r["allocator"]) for r in rows):
+        entry: dict = {"t_lo": steps[0], "t_hi": steps[-1]}
+        for ckpt, name in ((True, "checkpointed"), (False, "uncheckpointed")):
+            lo = _median_peak(rows, (model, alloc, ckpt, steps[0]))
+            hi = _median_peak(rows, (model, alloc, ckpt, steps[-1]))
+            entry[name] = round(hi / lo, 3) if lo and hi is not None and lo > 0 else None
+        out[f"{model} {alloc}"] = entry
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["tiny", "sd15"], choices=["tiny", "sd15"])
     p.add_argument("--steps", type=int, nargs="+", default=[10, 20, 40])
-    p.add_argument("--batch", type=int, default=4, help="images (tiny); SD v1.5 always uses 1")
+    p.add_argument("--batch", type=int, default=4, help="images (tiny); SD v1.5 uses --sd15-batch")
+    p.add_argument("--sd15-batch", type=int, default=1)
+    p.add_argument("--latent", type=int, default=8, help="SD v1.5 latent side (64 = 512 px; 8 keeps CPU runs short)")
+    p.add_argument("--sd15-size", default="full", choices=["full", "dry"])
+    p.add_argument("--sd15-max-uncheckpointed", type=int, default=10,
+                   help="largest T run without checkpointing on SD v1.5 (memory grows with T)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--sd15-rounds", type=int, default=1,
+                   help="rounds for SD v1.5 (one T=40 checkpointed chain is ~5 CPU-minutes at 8x8 latents)")
+    p.add_argument("--sd15-allocators", nargs="+", default=["trim0"], choices=list(ALLOCATORS),
+                   help="allocators for SD v1.5 on CPU (the workers run with trim0)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=str(BENCHMARKS))
-    p.add_argument("--child", nargs=3, metavar=("MODEL", "STEPS", "CHECKPOINT"), help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--out", default=str(BENCHMARKS), help="markdown file to write the section into ('-': none)")
+    p.add_argument("--section", default="memory")
     args = p.parse_args(argv)
-    if args.child:
-        m, s, c = args.child
-        print(json.dumps(child(m, int(s), c == "1", args.batch, args.device)))
-        return 0
-    rows = []
+    steps = sorted(set(args.steps))
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    allocators = ALLOCATORS if args.device == "cpu" else ("caching",)
+    rows: list[dict] = []
     for model in args.models:
-        batch = args.batch if model == "tiny" else 1
-        for alloc in ALLOCATORS:
-            for ckpt in (True, False):
-                # the uncheckpointed full-size chain does not fit a small machine beyond the shortest T
-                steps = args.steps if (ckpt or model == "tiny" or args.device == "cuda") else args.steps[:1]
-                rows += [run(model, alloc, t, ckpt, batch, args.device) for t in steps]
-    body = (f"## Peak memory vs sampling steps (bench/bench_sampler_memory.py)\n\n{machine()}, device {args.device}; "
-            "one adjusted-DFT backward through the whole DDIM chain (guidance 7.5, loss on x_0). tiny = the tiny SD "
-            "UNet, batch " f"{args.batch}, 16x16 latents; sd15 = the SD v1.5 UNet architecture with random weights, "
-            "batch 1, 32x32 latents. Peak RSS above the pre-sampling RSS.\n\n" + table(rows))
-    write_section(Path(args.out), "memory", body)
-    print(f"wrote {args.out}")
+        unet, size, sched = build(model, args.sd15_size, args.latent, args.device, args.dtype)
+        batch = args.batch if model == "tiny" else args.sd15_batch
+        allocs = allocators if model == "tiny" or args.device != "cpu" else tuple(args.sd15_allocators)
+        rounds = args.rounds if model == "tiny" else args.sd15_rounds
+        plan = [(a, c, t) for a in allocs for c in (True, False) for t in steps
+                if c or model == "tiny" or t <= args.sd15_max_uncheckpointed]
+        for r in range(rounds):
+            k = (r * len(plan)) // max(rounds, 1)
+            for alloc, ckpt, t in plan[k:] + plan[:k]:
+                fn = functools.partial(measure, unet, size, sched, t, ckpt, batch, args.device)
+                if args.device == "cpu":
+                    res = forked(fn, alloc)
+                else:
+                    try:
+                        res = fn()
+                    except torch.OutOfMemoryError:
+                        res = {"error": "out of memory"}
+                    torch.cuda.empty_cache()
+                row = {"model": model, "allocator": alloc, "steps": t, "checkpoint": ckpt, "batch": batch,
+                       "peak_mb": res.get("peak_mb"), "seconds": res.get("seconds")}
+                rows.append(row)
+                print(f"round {r + 1} {model:5s} {alloc:7s} T={t:3d} checkpoint={ckpt!s:5s} "
+                      + (f"peak +{row['peak_mb']:8.1f} MB {row['seconds']:7.2f} s" if "error" not in res
+                         else res["error"]), flush=True)
+        unet = None  # free it before the next model is built
+    sd_desc = (f"the SD v1.5 UNet architecture with random weights, batch {args.sd15_batch}, {args.latent}x{args.latent} "
+               "latents" if args.sd15_size == "full" else "the SD v1.5 UNet structure at toy widths (dry run)")
+    how = ("peak RSS above the RSS just before sampling, per forked child" if args.device == "cpu"
+           else "torch.cuda.max_memory_allocated above the allocation before sampling")
+    body = (f"## Peak memory vs sampling steps (bench/bench_sampler_memory.py)\n\n{machine()}, device {args.device}, "
+            f"{args.dtype}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. One adjusted-estimator backward "
+            "through the whole DDIM chain (guidance 7.5, loss on x_0) into the CFG text embeddings, UNet frozen "
+            f"(text-encoder-LoRA training). tiny = the tiny SD UNet, batch {args.batch}; sd15 = {sd_desc}. "
+            f"{how}; median of {args.rounds} rounds for tiny and {args.sd15_rounds} for sd15 (configurations "
+            "rotated per round; on CPU sd15 runs with the allocator(s) "
+            f"{', '.join(args.sd15_allocators) if args.device == 'cpu' else 'caching'} and uncheckpointed up to "
+            f"T={args.sd15_max_uncheckpointed} only, to fit the CPU time). "
+            "default = glibc's default allocator; trim0 = trim threshold 0 (MALLOC_TRIM_THRESHOLD_=0).\n\n"
+            + table(rows, steps))
+    print(body)
+    if args.out != "-":
+        write_section(Path(args.out), args.section, body, {"growth": growth(rows, steps)})
+        write_summary(Path(args.out))
+        print(f"wrote {args.out}")
     return 0
 
 

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import BENCHMARKS, machine, write_section  # noqa: E402
+from bench.common import BENCHMARKS, machine, write_section, write_summary  # noqa: E402
 
 PROMPT = "A photo of the face of a nurse, a person"
 VARIANTS = ("gen", "reference", "fused")
@@ -101,7 +101,8 @@ def measure(args: argparse.Namespace, model: str) -> dict:
 
     calls = {"gen": gen, "reference": lambda s: workers["reference"].train_step([PROMPT], s),
              "fused": lambda s: workers["fused"].train_step([PROMPT], s)}
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    wall: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for v in VARIANTS:  # warm-up (allocator, kernels, DeepSpeed's first step)
         calls[v](0)
     _sync(args.device)
@@ -109,22 +110,31 @@ def measure(args: argparse.Namespace, model: str) -> dict:
         order = VARIANTS[r % 3:] + VARIANTS[: r % 3]
         for v in order:
             _sync(args.device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             calls[v](r + 1)
             _sync(args.device)
-            times[v].append(time.perf_counter() - t0)
-        print(f"{model} round {r + 1}: " + ", ".join(f"{v} {times[v][-1]:.3f} s" for v in VARIANTS), flush=True)
-    med = {v: statistics.median(t) for v, t in times.items()}
-    ratio = {
-        "fused/reference": statistics.median(f / r for f, r in zip(times["fused"], times["reference"])),
-        "reference/gen": statistics.median(r / g for r, g in zip(times["reference"], times["gen"])),
-        "fused/gen": statistics.median(f / g for f, g in zip(times["fused"], times["gen"])),
-    }
+            wall[v].append(time.perf_counter() - t0)
+            cpu[v].append(time.process_time() - c0)
+        print(f"{model} round {r + 1}: " + ", ".join(f"{v} {wall[v][-1]:.3f} s (cpu {cpu[v][-1]:.3f} s)"
+                                                     for v in VARIANTS), flush=True)
+
+    def ratios(times: dict[str, list[float]]) -> dict[str, float]:
+        return {
+            "fused/reference": statistics.median(f / r for f, r in zip(times["fused"], times["reference"])),
+            "reference/gen": statistics.median(r / g for r, g in zip(times["reference"], times["gen"])),
+            "fused/gen": statistics.median(f / g for f, g in zip(times["fused"], times["gen"])),
+        }
+
+    # CPU: process CPU time is the primary clock (one torch thread; other processes on a shared machine
+    # stretch wall time, not the work done); CUDA: wall time (synchronised)
+    primary = cpu if args.device == "cpu" else wall
+    med = {v: statistics.median(t) for v, t in primary.items()}
+    ratio, ratio_wall = ratios(primary), ratios(wall)
     peak = None
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
     return {"model": model, "images": n, "steps": steps, "dtype": str(compute_dtype_name(cfg)), "median_s": med,
-            "ratio": ratio, "repeats": args.repeats, "peak_gib": peak}
+            "ratio": ratio, "ratio_wall": ratio_wall, "clock": "cpu" if args.device == "cpu" else "wall", "repeats": args.repeats, "peak_gib": peak}
 
 
 def compute_dtype_name(cfg) -> str:  # noqa: ANN001
@@ -134,13 +144,14 @@ def compute_dtype_name(cfg) -> str:  # noqa: ANN001
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | N | T | dtype | gen s | reference s | fused s | fused / reference | reference / gen | "
-             "fused / gen |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | N | T | dtype | clock | gen s | reference s | fused s | fused / reference | reference / gen | "
+             "fused / gen | wall clock: fused / reference, fused / gen |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        m, q = r["median_s"], r["ratio"]
-        lines.append(f"| {r['model']} | {r['images']} | {r['steps']} | {r['dtype']} | {m['gen']:.3f} | "
+        m, q, w = r["median_s"], r["ratio"], r["ratio_wall"]
+        lines.append(f"| {r['model']} | {r['images']} | {r['steps']} | {r['dtype']} | {r['clock']} | {m['gen']:.3f} | "
                      f"{m['reference']:.3f} | {m['fused']:.3f} | {q['fused/reference']:.2f}x | "
-                     f"{q['reference/gen']:.2f} | {q['fused/gen']:.2f} |")
+                     f"{q['reference/gen']:.2f}x | {q['fused/gen']:.2f}x | {w['fused/reference']:.2f}x, "
+                     f"{w['fused/gen']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -155,7 +166,9 @@ def section(rows: list[dict], args: argparse.Namespace) -> str:
         "guidance 7.5, text-encoder LoRA rank 8, adjusted estimator, checkpointed eps calls and VAE decode. "
         f"Each variant warmed up once, then {args.repeats} rounds interleaved in rotating order; medians over "
         "rounds (ratios: median of the per-round ratios). gen = one no-grad generation of the same N images "
-        "(same noise, T, guidance, adaptor on, VAE decode). synthetic = assets/synthetic-sd with the synthetic "
+        "(same noise, T, guidance, adaptor on, VAE decode). Clock cpu = the process's CPU time (one torch "
+        "thread, so it counts the work done and not the time other processes on a shared machine took; the "
+        "wall-clock ratios are beside it), wall = synchronised wall time. synthetic = assets/synthetic-sd with the synthetic "
         "world's nets; tiny = models/tiny.py with the test stand-in nets; sd15 = SD v1.5 architecture, random "
         "weights, stand-in nets.\n\n" + table(rows))
 
@@ -190,8 +203,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(measure(args, model))
     text = section(rows, args)
     print(text)
+    data = {"models": {r["model"]: {"images": r["images"], "steps": r["steps"], "dtype": r["dtype"],
+                                     **{k: round(v, 3) for k, v in r["ratio"].items()}} for r in rows}}
     if args.out != "-":
-        write_section(Path(args.out), args.section, text)
+        write_section(Path(args.out), args.section, text, data)
+        write_summary(Path(args.out))
         print(f"wrote {args.out}")
     dist.destroy_process_group()
     return 0

@@ -1,7 +1,10 @@
-"""What every bench shares: its own marked section of BENCHMARKS.md, replaced in place."""
+"""What every bench shares: its own marked section of BENCHMARKS.md, replaced in place, and the summary table
+of the issue-8 targets at the top of the file, rebuilt from the figures the sections carry."""
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -12,21 +15,86 @@ if str(ROOT) not in sys.path:
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 HEADER = ("# Benchmarks\n\nWritten by the scripts in `bench/` (each owns one marked section). Every figure is a "
           "ratio or a value measured side by side in one run on the machine named in its section.\n")
+_DATA = re.compile(r"<!-- data (\{.*?\}) -->")
 
 
-def write_section(path: Path, name: str, body: str) -> None:
-    """Replace the ``<!-- bench:NAME -->`` section of ``path`` (or append it), leaving the rest untouched."""
+def write_section(path: Path, name: str, body: str, data: dict | None = None, top: bool = False) -> None:
+    """Replace the ``<!-- bench:NAME -->`` section of ``path`` (or add it: at the end, or after the header when
+    ``top``), leaving the rest untouched. ``data``: figures for the summary, kept as a JSON comment."""
     from fairdiff_ray.io import atomic_write_text
 
     begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     text = path.read_text(encoding="utf-8") if path.exists() else HEADER
+    if data is not None:
+        body = body.rstrip() + "\n\n<!-- data " + json.dumps(data, sort_keys=True) + " -->"
     block = f"{begin}\n{body.strip()}\n{end}"
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
         text = head + block + rest.split(end, 1)[1]
+    elif top and text.startswith(HEADER):
+        text = HEADER + "\n" + block + "\n\n" + text[len(HEADER):].lstrip("\n")
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     atomic_write_text(path, text)
+
+
+def section_data(path: Path, name: str) -> dict | None:
+    """The ``data`` a section was written with (None: no such section, or no data)."""
+    if not path.exists():
+        return None
+    text = path.read_text(encoding="utf-8")
+    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    if begin not in text or end not in text:
+        return None
+    m = _DATA.search(text.split(begin, 1)[1].split(end, 1)[0])
+    return json.loads(m.group(1)) if m else None
+
+
+def _verdict(value: float | None, target: float, at_most: bool) -> str:
+    if value is None:
+        return "not measured"
+    ok = value <= target if at_most else value >= target
+    return "met" if ok else "**not met**"
+
+
+def write_summary(path: Path = BENCHMARKS) -> None:
+    """The 'summary' section at the top: each issue-8 target, the measured ratio, met / not met."""
+    rows = []
+    for sec, label in (("step", "CPU"), ("step-gpu", "GPU")):
+        d = section_data(path, sec) or {}
+        for model, r in d.get("models", {}).items():
+            where = f"{model}, N={r['images']}, T={r['steps']}, {r['dtype']} ({label})"
+            rows.append(("fused step / reference-schedule step", "<= 0.75x", r["fused/reference"], 0.75, True,
+                         where))
+            rows.append(("fused (full-chain adjusted) step / no-grad generation of the same images", "<= 3.5x",
+                         r["fused/gen"], 3.5, True, where + f"; reference schedule: {r['reference/gen']:.2f}x"))
+    for sec, label in (("memory", "CPU"), ("memory-gpu", "GPU")):
+        d = section_data(path, sec) or {}
+        for key, r in d.get("growth", {}).items():
+            if r.get("checkpointed") is None:
+                continue
+            unck = r.get("uncheckpointed")
+            note = f"uncheckpointed: {unck:.2f}x" if unck is not None else "uncheckpointed: not run / failed"
+            rows.append((f"peak memory T={r['t_hi']} / T={r['t_lo']}, checkpointed", "<= 1.15x", r["checkpointed"],
+                         1.15, True, f"{key} ({label}); {note}"))
+    d = section_data(path, "workers") or {}
+    if "speedup" in d:
+        for w, s in d["speedup"].items():
+            if w != "1":
+                rows.append((f"images/s, {w} Ray Train workers / 1", ">= 1.7x" if w == "2" else "-", s,
+                             1.7 if w == "2" else 0.0, False, d.get("where", "")))
+    d = section_data(path, "eval") or {}
+    for name, r in d.get("per_worker", {}).items():
+        rows.append(("evaluation pipeline images/s per worker / plain diffusers loop", ">= 0.9x", r, 0.9, False,
+                     name))
+    lines = ["## Summary: issue 8 targets", "",
+             "Written by bench/common.py from the figures of the sections below (each measured side by side in "
+             "one run; see the section for method, machine and date).", "",
+             "| target | goal | measured | verdict | where |", "|---|---|---|---|---|"]
+    for what, goal, value, target, at_most, where in rows:
+        val = "-" if value is None else f"{value:.2f}x"
+        lines.append(f"| {what} | {goal} | {val} | {_verdict(value, target, at_most)} | {where} |")
+    write_section(path, "summary", "\n".join(lines), top=True)
 
 
 def machine() -> str:

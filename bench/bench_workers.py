@@ -1,0 +1,130 @@
+"""Training throughput with 1 vs 2 Ray Train workers (issue 8 d).
+
+    python bench/bench_workers.py                       # synthetic world, N=8, T=10, 5 steps per run, 3 rounds
+    python bench/bench_workers.py --workers 1 2 4 --steps 6 --rounds 3
+
+Each run is a real ``dist.trainer.build_trainer(cfg).fit()`` on the synthetic world (assets/synthetic-sd, the
+synthetic detector / classifier / feature net, text-encoder LoRA, DeepSpeed ZeRO-0 on gloo), one CPU and one
+torch thread per worker, on a private local Ray cluster. The runs alternate (1, 2, 1, 2, ...) for ``--rounds``
+rounds. Throughput is the per-step ``images_per_s`` metric rank 0 writes to metrics.jsonl (N images of the
+step / the step's wall time on rank 0, all-gather and gradient all-reduce included), so worker start-up, model
+loading and checkpointing are excluded; the first step of every run (warm-up) is dropped. Reported: median
+images/s per worker count, and the median over rounds of the per-round ratio W workers / 1 worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import BENCHMARKS, write_section, write_summary  # noqa: E402
+
+
+def config(args: argparse.Namespace, storage: Path, name: str, workers: int):  # noqa: ANN201
+    from fairdiff_ray.config import load_config
+
+    return load_config(None, [
+        f"run.storage={storage}", f"run.name={name}", f"model.path={ROOT / 'assets' / 'synthetic-sd'}",
+        f"data.prompt_sets=[{{path: {ROOT / 'data' / 'prompts' / 'occupations.jsonl'}}}]", "data.split=train",
+        "faces.detector=synthetic", "classifier.kind=synthetic", "features.synthetic=default",
+        "adaptor.kind=text_lora", "adaptor.rank=8", "sampler.scheduler=ddim", f"sampler.steps={args.sampling_steps}",
+        "sampler.steps_jitter=0", "sampler.guidance_scale=7.5", "loss.lambda_img=16", "loss.lambda_face=0",
+        f"train.steps={args.steps}", f"train.checkpoint_every={args.steps}", "train.validate_every=0",
+        f"train.images_per_prompt={args.images}", f"train.chunk_size={args.images}", "train.prompts_per_step=1",
+        "train.lr=0.001", f"ray.num_workers={workers}", "ray.cpus_per_worker=1",
+        "deepspeed.enabled=true", "deepspeed.zero_stage=0", "deepspeed.precision=fp32",
+    ])
+
+
+def one_run(args: argparse.Namespace, storage: Path, name: str, workers: int) -> dict:
+    from fairdiff_ray.dist.trainer import build_trainer, run_dir
+
+    cfg = config(args, storage, name, workers)
+    t0 = time.perf_counter()
+    result = build_trainer(cfg).fit()
+    wall = time.perf_counter() - t0
+    if result.error is not None:
+        raise RuntimeError(f"run {name} failed: {result.error}")
+    rows = [json.loads(line) for line in (run_dir(cfg) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    ips = [float(r["images_per_s"]) for r in sorted(rows, key=lambda r: r["step"])][1:]  # drop the warm-up step
+    return {"workers": workers, "images_per_s": statistics.median(ips), "steps": ips, "wall_s": wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--images", type=int, default=8, help="N images per step (divides over the workers)")
+    p.add_argument("--sampling-steps", type=int, default=10, help="T DDIM steps")
+    p.add_argument("--steps", type=int, default=5, help="training steps per run (the first is dropped)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", default=str(BENCHMARKS), help="markdown file to write the section into ('-': none)")
+    args = p.parse_args(argv)
+    if args.steps < 2 or args.rounds < 1 or 1 not in args.workers:
+        p.error("need --steps >= 2, --rounds >= 1 and 1 among --workers")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "0")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import ray
+
+    from fairdiff_ray.dist.cluster import connect
+
+    runs: list[dict] = []
+    connect(None, num_cpus=max(args.workers) + 1, include_dashboard=True, log_to_driver=False,
+            configure_logging=False)
+    try:
+        with tempfile.TemporaryDirectory(prefix="fairdiff-bench-workers-") as tmp:
+            for r in range(args.rounds):
+                order = args.workers if r % 2 == 0 else args.workers[::-1]
+                for w in order:
+                    res = one_run(args, Path(tmp), f"w{w}-r{r}", w)
+                    runs.append({**res, "round": r})
+                    print(f"round {r + 1} workers {w}: {res['images_per_s']:.2f} images/s "
+                          f"(steps {[round(x, 2) for x in res['steps']]}, fit {res['wall_s']:.0f} s)", flush=True)
+    finally:
+        ray.shutdown()
+    by_w = {w: [x["images_per_s"] for x in runs if x["workers"] == w] for w in args.workers}
+    lines = ["| workers | images/s (median) | per round | x 1 worker (median of per-round ratios) |",
+             "|---|---|---|---|"]
+    speedup = {}
+    for w in args.workers:
+        ratios = [x["images_per_s"] / y["images_per_s"] for x in runs for y in runs
+                  if x["workers"] == w and y["workers"] == 1 and x["round"] == y["round"]]
+        speedup[w] = statistics.median(ratios)
+        lines.append(f"| {w} | {statistics.median(by_w[w]):.2f} | {', '.join(f'{v:.2f}' for v in by_w[w])} | "
+                     f"{speedup[w]:.2f}x |")
+    import platform
+
+    text = (
+        "## Ray Train workers: images/s, 1 vs 2 (bench/bench_workers.py)\n\n"
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. build_trainer(...).fit() on the synthetic world, "
+        f"N={args.images} images per step, T={args.sampling_steps} DDIM steps, guidance 7.5, text-encoder LoRA rank "
+        f"8, DeepSpeed ZeRO-0 (gloo), 1 CPU and 1 torch thread per worker; {args.steps} steps per run, the first "
+        f"dropped; {args.rounds} rounds alternating the worker counts. images/s = the per-step metric of rank 0 "
+        "(start-up, loading and checkpoints excluded).\n\n" + "\n".join(lines)
+        + f"\n\nOther processes shared the {os.cpu_count()} cores during the run; with W workers on W cores the "
+        "ideal is W x.")
+    print(text)
+    if args.out != "-":
+        where = f"synthetic world, N={args.images}, T={args.sampling_steps}, {os.cpu_count()} CPUs"
+        write_section(Path(args.out), "workers", text,
+                      {"speedup": {str(w): round(s, 3) for w, s in speedup.items()}, "where": where})
+        write_summary(Path(args.out))
+        print(f"wrote {args.out}")
+    print(json.dumps({str(w): round(s, 3) for w, s in speedup.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
