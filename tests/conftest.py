@@ -34,7 +34,8 @@ def ray_cluster():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    # with the dashboard (bound to 127.0.0.1): without it every Ray Train run ends in a 10 s cleanup timeout
+    ray.init(address="local", num_cpus=4, include_dashboard=True, configure_logging=False, log_to_driver=False)
     yield
     ray.shutdown()
 
