@@ -13,8 +13,9 @@ CPU: the model is built once; every measurement runs in a forked child (same sta
 no interpreter start-up per measurement). The child resets the kernel's peak-RSS mark (/proc/self/clear_refs)
 and reports VmHWM minus its resident size just before sampling. glibc keeps freed memory in its heap, so
 every configuration runs with the default allocator and with the trim threshold at 0
-(``mallopt(M_TRIM_THRESHOLD, 0)`` in the child, what MALLOC_TRIM_THRESHOLD_=0 sets at start-up: freed memory
-goes back to the OS, so the peak tracks live tensors). CUDA: in process, torch.cuda.max_memory_allocated
+(``mallopt`` in the child: trim threshold 0 and the mmap threshold fixed at glibc's initial 128 KiB, which is what
+MALLOC_TRIM_THRESHOLD_=0 gives a process from start-up: large blocks are mmapped and go back to the OS when
+freed, the heap top is trimmed, so the peak tracks live memory). CUDA: in process, torch.cuda.max_memory_allocated
 above the allocation before sampling (the caching allocator's live tensors; no allocator variants).
 Rounds: every configuration once per round, in a rotating order; the table holds the median over rounds.
 """
@@ -38,7 +39,8 @@ if str(ROOT) not in sys.path:
 from bench.common import BENCHMARKS, machine, write_section, write_summary  # noqa: E402
 
 ALLOCATORS = ("default", "trim0")
-M_TRIM_THRESHOLD = -1  # glibc mallopt parameter number
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameter numbers
+DEFAULT_MMAP_THRESHOLD = 128 * 1024  # glibc's start value, kept fixed when MALLOC_TRIM_THRESHOLD_ is set
 
 
 def _status_kb(key: str) -> int:
@@ -119,8 +121,10 @@ def forked(fn, alloc: str) -> dict:  # noqa: ANN001
     if pid == 0:  # child
         os.close(r)
         try:
-            if alloc == "trim0":
-                ctypes.CDLL("libc.so.6").mallopt(M_TRIM_THRESHOLD, 0)
+            if alloc == "trim0":  # as MALLOC_TRIM_THRESHOLD_=0 at start-up: trim at 0 and no dynamic mmap
+                libc = ctypes.CDLL("libc.so.6")  # threshold (the parent's may have grown; put it back)
+                libc.mallopt(M_TRIM_THRESHOLD, 0)
+                libc.mallopt(M_MMAP_THRESHOLD, DEFAULT_MMAP_THRESHOLD)
             out = fn()
         except BaseException as e:  # noqa: BLE001 - reported to the parent, never raised in a fork
             out = {"error": f"{type(e).__name__}: {e}"[:200]}

@@ -11,7 +11,10 @@ each warmed up with one step. Then, per round, interleaved and in a rotating ord
              decode; no scoring): the floor a training step is measured against;
   reference  one training step with train.schedule=reference (reference images, current images under
              no_grad, then the images again with gradients, backward);
-  fused      one training step with train.schedule=fused.
+  fused      one training step with train.schedule=fused (every eps call checkpointed: memory flat in T);
+  selective  the same fused step with selective checkpointing: eps calls keep their activations for
+             backward (no recomputation) up to --keep-mb per chunk (Worker.keep_activations_bytes), the
+             rest are checkpointed.
 Reported: the median over rounds of each time and of each per-round ratio (ratios within a round are side by
 side, so load from other processes on the machine affects both sides alike as far as possible).
 
@@ -38,7 +41,7 @@ if str(ROOT) not in sys.path:
 from bench.common import BENCHMARKS, machine, write_section, write_summary  # noqa: E402
 
 PROMPT = "A photo of the face of a nurse, a person"
-VARIANTS = ("gen", "reference", "fused")
+VARIANTS = ("gen", "reference", "fused", "selective")
 
 
 def _overrides(args: argparse.Namespace, model: str) -> list[str]:
@@ -99,15 +102,22 @@ def measure(args: argparse.Namespace, model: str) -> dict:
         with torch.no_grad():
             w.generate([PROMPT] * n, x_T, steps, grad=False)
 
+    def selective(step: int) -> None:  # the fused step, eps-call activations kept up to --keep-mb
+        w.keep_activations_bytes = int(args.keep_mb * 2**20)
+        try:
+            w.train_step([PROMPT], step)
+        finally:
+            w.keep_activations_bytes = 0
+
     calls = {"gen": gen, "reference": lambda s: workers["reference"].train_step([PROMPT], s),
-             "fused": lambda s: workers["fused"].train_step([PROMPT], s)}
+             "fused": lambda s: w.train_step([PROMPT], s), "selective": selective}
     wall: dict[str, list[float]] = {v: [] for v in VARIANTS}
     cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for v in VARIANTS:  # warm-up (allocator, kernels, DeepSpeed's first step)
         calls[v](0)
     _sync(args.device)
     for r in range(args.repeats):
-        order = VARIANTS[r % 3:] + VARIANTS[: r % 3]
+        order = VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]
         for v in order:
             _sync(args.device)
             t0, c0 = time.perf_counter(), time.process_time()
@@ -119,11 +129,12 @@ def measure(args: argparse.Namespace, model: str) -> dict:
                                                      for v in VARIANTS), flush=True)
 
     def ratios(times: dict[str, list[float]]) -> dict[str, float]:
-        return {
-            "fused/reference": statistics.median(f / r for f, r in zip(times["fused"], times["reference"])),
-            "reference/gen": statistics.median(r / g for r, g in zip(times["reference"], times["gen"])),
-            "fused/gen": statistics.median(f / g for f, g in zip(times["fused"], times["gen"])),
-        }
+        def med(a: str, b: str) -> float:
+            return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+        return {"fused/reference": med("fused", "reference"), "selective/reference": med("selective", "reference"),
+                "reference/gen": med("reference", "gen"), "fused/gen": med("fused", "gen"),
+                "selective/gen": med("selective", "gen")}
 
     # CPU: process CPU time is the primary clock (one torch thread; other processes on a shared machine
     # stretch wall time, not the work done); CUDA: wall time (synchronised)
@@ -144,14 +155,15 @@ def compute_dtype_name(cfg) -> str:  # noqa: ANN001
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | N | T | dtype | clock | gen s | reference s | fused s | fused / reference | reference / gen | "
-             "fused / gen | wall clock: fused / reference, fused / gen |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | N | T | dtype | clock | gen s | reference s | fused s | selective s | fused / reference | "
+             "selective / reference | reference / gen | fused / gen | selective / gen | wall clock: fused / reference, "
+             "selective / reference |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m, q, w = r["median_s"], r["ratio"], r["ratio_wall"]
         lines.append(f"| {r['model']} | {r['images']} | {r['steps']} | {r['dtype']} | {r['clock']} | {m['gen']:.3f} | "
-                     f"{m['reference']:.3f} | {m['fused']:.3f} | {q['fused/reference']:.2f}x | "
-                     f"{q['reference/gen']:.2f}x | {q['fused/gen']:.2f}x | {w['fused/reference']:.2f}x, "
-                     f"{w['fused/gen']:.2f}x |")
+                     f"{m['reference']:.3f} | {m['fused']:.3f} | {m['selective']:.3f} | {q['fused/reference']:.2f}x | "
+                     f"{q['selective/reference']:.2f}x | {q['reference/gen']:.2f}x | {q['fused/gen']:.2f}x | "
+                     f"{q['selective/gen']:.2f}x | {w['fused/reference']:.2f}x, {w['selective/reference']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -163,7 +175,9 @@ def section(rows: list[dict], args: argparse.Namespace) -> str:
         "## Training step: reference vs fused schedule, in no-grad generations (bench/bench_step.py)\n\n"
         f"{machine()}, device {dev}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. One process, one "
         "dist.worker.Worker per schedule (gloo group of size 1), one prompt, N images in one chunk, T DDIM steps, "
-        "guidance 7.5, text-encoder LoRA rank 8, adjusted estimator, checkpointed eps calls and VAE decode. "
+        "guidance 7.5, text-encoder LoRA rank 8, adjusted estimator, checkpointed eps calls and VAE decode; "
+        f"selective = the fused step keeping eps-call activations up to {args.keep_mb:g} MB per chunk instead of "
+        "recomputing them (calls beyond that are checkpointed). "
         f"Each variant warmed up once, then {args.repeats} rounds interleaved in rotating order; medians over "
         "rounds (ratios: median of the per-round ratios). gen = one no-grad generation of the same N images "
         "(same noise, T, guidance, adaptor on, VAE decode). Clock cpu = the process's CPU time (one torch "
@@ -182,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--sd15-size", default="full", choices=["full", "dry"])
+    p.add_argument("--keep-mb", type=float, default=1024.0,
+                   help="selective variant: eps-call activations kept per chunk (Worker.keep_activations_bytes)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides")
     p.add_argument("--out", default=str(BENCHMARKS), help="markdown file to write the section into ('-': none)")
     p.add_argument("--section", default="step", help="section name in --out")

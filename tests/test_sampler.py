@@ -345,6 +345,29 @@ def test_checkpoint_on_off_same_gradients(estimator):
         assert torch.allclose(gx_on, gx_off, rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.parametrize("estimator", ["exact", "adjusted"])
+def test_selective_checkpointing_keeps_activations_within_the_budget_and_changes_nothing(estimator):
+    n = 6
+    sched = make_scheduler("dpm", n)
+    theta, x_T = _theta(n), _x_T()
+    full = _grads(sched, estimator, 3.0, theta, x_T, checkpoint=True)
+    # budget -> model calls (forward + recomputed in backward): 0 recomputes all n calls, 1 byte keeps only the
+    # first call (it crosses the limit), a large budget keeps all of them
+    for budget, calls in ((0, 2 * n), (1, 2 * n - 1), (10**9, n)):
+        theta_k = theta.clone().requires_grad_()
+        x_k = x_T.clone().requires_grad_()
+        eps = AnalyticEps(theta_k, sched.timesteps.tolist(), guided=True)
+        x0 = sample_with_grad(eps, x_k, sched, estimator=estimator, guidance_scale=3.0, checkpoint=True,
+                              keep_activations_bytes=budget)
+        g_theta, g_x = torch.autograd.grad(_loss(x0), (theta_k, x_k))
+        assert len(eps.calls) == calls, budget
+        assert torch.equal(x0.detach(), full[0])
+        assert torch.allclose(g_theta, full[1], rtol=1e-13, atol=1e-15)
+        assert torch.allclose(g_x, full[2], rtol=1e-13, atol=1e-15)
+    with pytest.raises(ValueError, match="keep_activations_bytes"):
+        _run(sched, keep_activations_bytes=-1)
+
+
 # --- misuse -------------------------------------------------------------------------------------------------
 
 

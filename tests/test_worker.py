@@ -81,6 +81,27 @@ def test_fused_and_reference_schedules_give_the_same_update(tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
 
 
+def test_selective_checkpointing_gives_the_same_update_without_recomputing(tmp_path):
+    states, unet_calls = [], []
+    for keep in (0, 1 << 30):  # every eps call recomputed in backward / every call's activations kept
+        w = _worker(tmp_path, "deepspeed.enabled=false", "train.schedule=fused")
+        w.keep_activations_bytes = keep
+        calls = []
+        w.comp.unet.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+        for step in range(2):
+            m = w.train_step([PROMPT], step=step).metrics
+        states.append((_snapshot(w), m["loss/total"]))
+        unet_calls.append(len(calls))
+    (a, la), (b, lb) = states
+    assert la == pytest.approx(lb, abs=1e-6)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    # the recomputation skipped: one UNet call per sampling step and chunk of the gradient pass, per step
+    cfg = w.cfg
+    chunks = cfg.train.images_per_prompt // cfg.train.chunk_size
+    assert unet_calls[0] - unet_calls[1] == chunks * sum(num_sampling_steps(cfg, s) for s in range(2))
+
+
 def test_seeds_and_step_counts():
     cfg = tiny_config_no_files()
     # the global image index, not the rank, picks the noise: rank r of W owns rows [r n, (r + 1) n)

@@ -221,6 +221,27 @@ def _guided_output(
     return m_uncond + guidance_scale * (m_cond - m_uncond)
 
 
+class _SavedBytes:
+    """A saved-tensors pack hook that counts the bytes of the activations autograd keeps (tensors on the
+    gradient path; frozen weights do not need a gradient and are not counted), each storage once."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self._seen: set[int] = set()
+
+    def pack(self, t: Tensor) -> Tensor:
+        if t.requires_grad:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in self._seen:
+                self._seen.add(storage.data_ptr())
+                self.bytes += storage.nbytes()
+        return t
+
+
+def _unpack(t: Tensor) -> Tensor:
+    return t
+
+
 def sample_with_grad(
     eps_fn: EpsFn,
     x_T: Tensor,
@@ -233,6 +254,7 @@ def sample_with_grad(
     generator: torch.Generator | None = None,
     num_inference_steps: int | None = None,
     return_trajectory: bool = False,
+    keep_activations_bytes: int = 0,
 ) -> Tensor | tuple[Tensor, list[Tensor]]:
     """Run the scheduler's sampler from x_T and return x_0 (B, C, h, w), differentiable per ``estimator``.
 
@@ -252,6 +274,10 @@ def sample_with_grad(
       "random_truncation" as truncated with K ~ Uniform{1..truncate_k} drawn from ``generator``.
       ``truncate_k`` is ignored by "exact" and "adjusted" (truncation and adjustment do not combine).
     checkpoint: wrap every model call in torch.utils.checkpoint (non-reentrant), keeping memory flat in T.
+    keep_activations_bytes: selective checkpointing (with ``checkpoint``): model calls run without the
+      checkpoint, their activations kept for backward (no recomputation), until the activations so kept reach
+      this many bytes (counted as autograd saves them; one call may cross the limit); later calls are
+      checkpointed. Values and gradients are the same either way; 0 checkpoints every call.
     Works under torch.no_grad (generation). With ``return_trajectory`` also returns the N + 1 latents
     [x_T * init_noise_sigma, ..., x_0].
     """
@@ -259,6 +285,8 @@ def sample_with_grad(
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if x_T.ndim != 4:
         raise ValueError(f"x_T must be (B, C, h, w), got shape {tuple(x_T.shape)}")
+    if keep_activations_bytes < 0:
+        raise ValueError(f"keep_activations_bytes must be >= 0, got {keep_activations_bytes}")
     if num_inference_steps is not None:
         scheduler.set_timesteps(num_inference_steps, device=x_T.device)
     # Coefficients in the latent's dtype (float32 at least) so float32 runs round exactly as diffusers does.
@@ -274,6 +302,7 @@ def sample_with_grad(
         else None
     )
 
+    kept = _SavedBytes()
     x = x_T * scheduler.init_noise_sigma
     trajectory = [x]
     x0_prev: Tensor | None = None
@@ -283,7 +312,10 @@ def sample_with_grad(
             t = torch.tensor(st.timestep, dtype=torch.long, device=x.device)
             # 1. Model output. Adjusted DFT (METHOD 4, step 1) feeds the model a detached latent.
             x_in = x.detach() if adjusted else x
-            if step_grad and checkpoint:
+            if step_grad and checkpoint and kept.bytes < keep_activations_bytes:
+                with torch.autograd.graph.saved_tensors_hooks(kept.pack, _unpack):
+                    m = _guided_output(eps_fn, x_in, t, scheduler, guidance_scale)
+            elif step_grad and checkpoint:
                 m = _torch_checkpoint(
                     _guided_output, eps_fn, x_in, t, scheduler, guidance_scale, use_reentrant=False
                 )

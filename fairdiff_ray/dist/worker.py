@@ -148,6 +148,10 @@ class Worker:
         micro = cfg.train.prompts_per_step * len(self.chunks)
         self.engine = build_engine(cfg, self.modules, params, micro, self.rank, self.world)
         self.skipped = 0
+        # selective checkpointing (core.sampler keep_activations_bytes): the eps calls of each chunk's gradient
+        # pass keep their activations up to this many bytes instead of being recomputed in backward (the fused
+        # schedule holds every chunk of a prompt until its backward); 0 = checkpoint every call
+        self.keep_activations_bytes = 0
 
     # -- generation ----------------------------------------------------------------------------------------
 
@@ -165,7 +169,7 @@ class Worker:
                 unet_eps_fn(self.comp.unet, cond, uncond), x_T, make_scheduler(s.scheduler, self.comp.scheduler_config),
                 estimator=s.estimator, truncate_k=s.truncate_k, checkpoint=s.checkpoint and grad,
                 guidance_scale=s.guidance_scale, generator=torch.Generator().manual_seed(trunc_seed),
-                num_inference_steps=steps,
+                num_inference_steps=steps, keep_activations_bytes=self.keep_activations_bytes if grad else 0,
             )
             if grad and s.checkpoint:
                 images = _checkpoint(decode_latents, self.comp.vae, x_0, use_reentrant=False)
