@@ -1,11 +1,21 @@
-"""Evaluation throughput: the Ray Data pipeline against a plain diffusers loop on the same model.
+"""Evaluation throughput: the evaluation pipeline against a plain diffusers loop on the same model (issue 8 e).
 
-    python bench/bench_eval.py                       # quick: 8 prompts x 4 images, base model only
-    python bench/bench_eval.py --prompts 50 --images 16 --adaptor debiased=runs/x/adaptor   # issue-6 size
+    python bench/bench_eval.py                       # synthetic SD: 8 prompts x 8 images, 20 DPM++ steps, 3 rounds
+    python bench/bench_eval.py --prompts 16 --images 16 --actors 1 2 --rounds 3
 
-Writes its section of BENCHMARKS.md between <!-- bench:eval --> and <!-- /bench:eval --> (other benches
-own the rest of the file). Numbers are images per second of wall time; Ray includes actor start-up and
-model loading (they are part of the pipeline's cost), the plain loop does not.
+Variants, interleaved for ``--rounds`` rounds (order rotated per round), same prompts, seeds, steps, guidance 7.5
+and batch size:
+  plain  a stock StableDiffusionPipeline loop in this process (DPM-Solver++ scheduler, numpy output, no
+         scoring), one batch per prompt;
+  local  ``run_evaluation(executor="local")``: generation + scoring (face detection, attribute classifier,
+         feature net, fidelity) in this process;
+  ray k  ``run_evaluation(executor="ray")`` with k generation actors (+ the scoring actor) on a private local
+         Ray cluster.
+Throughput is steady state: images completed between the first and the last completed batch (plain) or
+evaluation part (the pipeline's progress lines, one part per prompt) over the time between them, so model
+loading and actor start-up are left out (they are reported separately as the first result's latency). Per
+worker = images/s divided by the number of generation processes (1 for plain / local, k for ray k). Ratios are
+the median over rounds of the per-round ratio to the plain loop.
 """
 
 from __future__ import annotations
@@ -14,115 +24,144 @@ import argparse
 import json
 import os
 import platform
+import re
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-from bench.common import write_section  # noqa: E402
+from bench.common import BENCHMARKS, write_section, write_summary  # noqa: E402
+
+_IMAGES = re.compile(r"\((\d+) images")
 
 
-def plain_diffusers(model: str, prompts: list[str], m: int, steps: int, batch: int) -> float:
-    """Images/s of a stock StableDiffusionPipeline loop (seeded generators, numpy output, no scoring)."""
+def steady_rate(events: list[tuple[float, int]]) -> float:
+    """Images/s between the first and the last (time, cumulative images) event."""
+    (t0, n0), (t1, n1) = events[0], events[-1]
+    if len(events) < 2 or t1 <= t0:
+        raise RuntimeError("fewer than two completions: use more prompts")
+    return (n1 - n0) / (t1 - t0)
+
+
+def plain_diffusers(model: str, prompts: list[str], m: int, steps: int) -> tuple[float, float]:
+    """(steady images/s, first-batch latency s) of a stock StableDiffusionPipeline loop, one batch per prompt."""
     import torch
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     from fairdiff_ray.core.seeding import stable_seed
 
+    t_start = time.perf_counter()
     pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    jobs = [(p, j) for p in prompts for j in range(m)]
-    t0 = time.perf_counter()
+    events, done = [], 0
     with torch.no_grad():
-        for i in range(0, len(jobs), batch):
-            chunk = jobs[i: i + batch]
-            gens = [torch.Generator("cpu").manual_seed(stable_seed(p, j)) for p, j in chunk]
-            pipe([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=7.5, generator=gens,
-                 output_type="np")
-    return len(jobs) / (time.perf_counter() - t0)
+        for p in prompts:
+            gens = [torch.Generator("cpu").manual_seed(stable_seed(p, j)) for j in range(m)]
+            pipe([p] * m, num_inference_steps=steps, guidance_scale=7.5, generator=gens, output_type="np")
+            done += m
+            events.append((time.perf_counter(), done))
+    return steady_rate(events), events[0][0] - t_start
 
 
-def pipeline(cfg_args: list[str], adaptors: dict[str, str], executor: str, out: Path) -> tuple[float, int, dict]:
-    """Images/s of fairdiff evaluate (generation + face detection + classification + features)."""
+def pipeline(cfg_args: list[str], executor: str, out: Path) -> tuple[float, float]:
+    """(steady images/s, first-part latency s) of fairdiff's evaluation (generation + scoring), base model."""
     from fairdiff_ray.config import load_config
     from fairdiff_ray.eval.run import run_evaluation
 
     cfg = load_config(None, cfg_args)
-    t0 = time.perf_counter()
-    summary = run_evaluation(cfg, adaptors, out, executor=executor, report=False, log=lambda s: None)
-    seconds = time.perf_counter() - t0
-    n = summary["prompts"]["count"] * cfg.eval.images_per_prompt * (1 + len(adaptors))
-    return n / seconds, n, summary
+    events: list[tuple[float, int]] = []
 
+    def log(line: str) -> None:
+        m = _IMAGES.search(line)
+        if m and " done: " in line:
+            events.append((time.perf_counter(), int(m.group(1))))
 
-def prepare_model(arg: str | None, tmp: Path) -> str:
-    if arg:
-        return arg
-    if (ROOT / "assets" / "synthetic-sd" / "model_index.json").is_file():
-        return str(ROOT / "assets" / "synthetic-sd")
-    from fairdiff_ray.models.sd import save_tiny_model
-
-    save_tiny_model(tmp / "tiny", seed=0, words=["senator", "violinist"])
-    return str(tmp / "tiny")
+    t_start = time.perf_counter()
+    run_evaluation(cfg, {}, out, executor=executor, report=False, log=log)
+    return steady_rate(events), events[0][0] - t_start
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="diffusers SD directory (default: assets/synthetic-sd or tiny)")
+    p.add_argument("--model", default=str(ROOT / "assets" / "synthetic-sd"), help="diffusers SD directory")
     p.add_argument("--prompts-file", default=str(ROOT / "data" / "prompts" / "occupations.jsonl"))
     p.add_argument("--prompts", type=int, default=8)
-    p.add_argument("--images", type=int, default=4)
+    p.add_argument("--images", type=int, default=8, help="images per prompt (= the batch size)")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--actors", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--adaptor", action="append", default=[], metavar="NAME=DIR")
-    p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", default=str(BENCHMARKS), help="markdown file to write the section into ('-': none)")
     args = p.parse_args(argv)
+    if args.prompts < 3 or args.rounds < 1:
+        p.error("need --prompts >= 3 (steady state is measured between completions) and --rounds >= 1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
+    from fairdiff_ray.config import load_config
+    from fairdiff_ray.dist.cluster import connect
     from fairdiff_ray.eval.prompts import load_eval_prompts
-    from fairdiff_ray.eval.run import parse_adaptors
 
-    adaptors = parse_adaptors(args.adaptor)
-    with tempfile.TemporaryDirectory() as td:
-        tmp = Path(td)
-        model = prepare_model(args.model, tmp)
-        base = [f"model.path={model}", f"data.prompt_sets=[{{path: {args.prompts_file}}}]",
-                f"eval.max_prompts={args.prompts}", f"eval.images_per_prompt={args.images}",
-                f"eval.steps={args.steps}", f"eval.batch_size={args.batch}", "eval.scheduler=dpmsolver++"]
-        from fairdiff_ray.config import load_config
-
-        prompts = [x.prompt for x in load_eval_prompts(load_config(None, base))]
-        rows = [("plain diffusers loop (generation only, 1 process)",
-                 plain_diffusers(model, prompts, args.images, args.steps, args.batch), len(prompts) * args.images)]
-        ips, n, _ = pipeline(base, adaptors, "local", tmp / "local")
-        rows.append(("fairdiff evaluate, in-process stages (generate + score)", ips, n))
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-        try:
-            for k in args.actors:
-                ips, n, summary = pipeline([*base, f"eval.num_actors={k}"], adaptors, "ray", tmp / f"ray{k}")
-                rows.append((f"fairdiff evaluate, Ray Data, {k} generation actor(s) (generate + score)", ips, n))
-        finally:
-            ray.shutdown()
+    base = [f"model.path={args.model}", f"data.prompt_sets=[{{path: {args.prompts_file}}}]",
+            f"eval.max_prompts={args.prompts}", f"eval.images_per_prompt={args.images}",
+            f"eval.steps={args.steps}", f"eval.batch_size={args.images}", "eval.scheduler=dpmsolver++",
+            "eval.prompts_per_part=1", "eval.cpus_per_actor=1"]
+    prompts = [x.prompt for x in load_eval_prompts(load_config(None, base))]
+    variants = ["plain", "local", *[f"ray {k}" for k in args.actors]]
+    workers = {"plain": 1, "local": 1, **{f"ray {k}": k for k in args.actors}}
+    rate: dict[str, list[float]] = {v: [] for v in variants}
+    first: dict[str, list[float]] = {v: [] for v in variants}
+    connect(None, num_cpus=max(args.actors) + 1, include_dashboard=False, log_to_driver=False,
+            configure_logging=False)
+    try:
+        with tempfile.TemporaryDirectory(prefix="fairdiff-bench-eval-") as td:
+            for r in range(args.rounds):
+                order = variants[r % len(variants):] + variants[: r % len(variants)]
+                for v in order:
+                    out = Path(td) / f"r{r}-{v.replace(' ', '')}"
+                    if v == "plain":
+                        ips, lat = plain_diffusers(args.model, prompts, args.images, args.steps)
+                    elif v == "local":
+                        ips, lat = pipeline(base, "local", out)
+                    else:
+                        ips, lat = pipeline([*base, f"eval.num_actors={workers[v]}"], "ray", out)
+                    rate[v].append(ips)
+                    first[v].append(lat)
+                    print(f"round {r + 1} {v}: {ips:.2f} images/s steady, first result after {lat:.1f} s", flush=True)
+    finally:
+        ray.shutdown()
+    per_worker = {v: statistics.median(rate[v][i] / workers[v] / rate["plain"][i] for i in range(args.rounds))
+                  for v in variants}
     lines = [
         "## Evaluation throughput (bench/bench_eval.py)", "",
-        f"Model `{Path(model).name}`, {len(prompts)} prompts x {args.images} images x {1 + len(adaptors)} model(s), "
-        f"{args.steps} DPM-Solver++ steps, guidance 7.5, batch {args.batch}; {os.cpu_count()} CPU cores "
-        f"({platform.processor() or platform.machine()}), torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}.",
-        "", "| path | images | images/s |", "|---|---|---|",
-        *[f"| {name} | {n} | {ips:.2f} |" for name, ips, n in rows], "",
-        "Ray and in-process rows include model loading and actor start-up; the plain loop does not. "
-        "On a shared 2-core machine these numbers are noisy (other processes compete for the cores).",
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
+        f"{os.environ.get('OMP_NUM_THREADS', 'default')}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
+        f"Model `{Path(args.model).name}`, {len(prompts)} prompts x {args.images} images (batch {args.images}), "
+        f"{args.steps} DPM-Solver++ steps, guidance 7.5, base model; {args.rounds} rounds, variants interleaved. "
+        "plain = stock StableDiffusionPipeline loop (generation only); local / ray k = fairdiff evaluate "
+        "(generation + face detection + classifier + features + fidelity) in process / with k Ray Data "
+        "generation actors (1 CPU each) + 1 scoring actor. images/s = steady state between the first and last "
+        "completed batch / part (loading and actor start-up excluded; their cost is the first-result latency).",
+        "", "| path | generation processes | images/s (median) | per round | per worker / plain (median) | "
+        "first result after s (median) |", "|---|---|---|---|---|---|",
+        *[f"| {v} | {workers[v]} | {statistics.median(rate[v]):.2f} | {', '.join(f'{x:.2f}' for x in rate[v])} | "
+          f"{per_worker[v]:.2f}x | {statistics.median(first[v]):.1f} |" for v in variants], "",
+        f"The machine's {os.cpu_count()} cores were shared with other processes during the run.",
     ]
     text = "\n".join(lines)
     print(text)
-    write_section(Path(args.out), "eval", text)
-    print(json.dumps({name: round(ips, 3) for name, ips, _ in rows}))
+    if args.out != "-":
+        data = {"per_worker": {f"{v} ({workers[v]} generation process(es)) vs plain": round(per_worker[v], 3)
+                               for v in variants if v != "plain"}}
+        write_section(Path(args.out), "eval", text, data)
+        write_summary(Path(args.out))
+        print(f"wrote {args.out}")
+    print(json.dumps({v: round(per_worker[v], 3) for v in variants}))
     return 0
 
 
