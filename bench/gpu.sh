@@ -9,7 +9,8 @@
 # Models: the SD v1.5 UNet, VAE and CLIP text encoder built from their published configs with random weights
 # (bench/sd15.py; nothing is downloaded), a text-encoder LoRA, the test suite's stand-in face / attribute /
 # feature nets. (a)+(c): bench/bench_step.py, N=4 images, T=20 DDIM steps, guidance 7.5, 3 interleaved rounds
-# of {no-grad generation, reference step, fused step}. (b): bench/bench_sampler_memory.py, 512 px (64x64
+# of {no-grad generation, reference step, fused step, fused step with selective checkpointing keeping up to
+# 60 GiB of eps-call activations}. (b): bench/bench_sampler_memory.py, 512 px (64x64
 # latents), T in {10, 20, 40}, checkpointed vs not (an uncheckpointed run that does not fit says so).
 # Needs the project's Python environment with a CUDA build of torch (PY=/path/to/python to choose one).
 set -euo pipefail
@@ -55,7 +56,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 start=$(date +%s)
 # (a) + (c): ~1 min on an H100/H200 (model build ~15 s, warm-up, 3 rounds of ~10 s)
 timeout 270 "$PY" bench/bench_step.py --models sd15 --device cuda --dtype bfloat16 --images 4 --steps 20 \
-  --repeats 3 --section step-gpu --out "$OUT"
+  --repeats 3 --keep-mb 61440 --section step-gpu --out "$OUT"
 # (b): ~1-2 min; uncheckpointed T=40 at 512 px may not fit and is then reported as "failed"
 timeout 180 "$PY" bench/bench_sampler_memory.py --models sd15 --device cuda --dtype bfloat16 --latent 64 \
   --steps 10 20 40 --rounds 3 --sd15-rounds 3 --sd15-max-uncheckpointed 40 --section memory-gpu --out "$OUT"
