@@ -15,7 +15,7 @@
 # Needs the project's Python environment with a CUDA build of torch (PY=/path/to/python to choose one).
 set -euo pipefail
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 DRY=0
 OUT=""
 while [ $# -gt 0 ]; do
