@@ -1,6 +1,7 @@
 """`ray job submit` against a real local Ray head started with token authentication (RAY_AUTH_MODE=token,
-token from `ray get-auth-token --generate`): jobs/debias.py trains the tiny SD model for a few steps, the job
-succeeds and the exported adaptor loads. A submission with a wrong token is refused.
+token from `ray get-auth-token --generate`): jobs/debias.py debiases the shipped synthetic-world model
+(configs/synthetic_gender.yaml) for 2 steps, the job succeeds and the exported adaptor loads. A submission
+with a wrong token is refused.
 
 The head runs under a private HOME (its token file lives there) and is stopped through its own
 `ray start --block` process, never with `ray stop` (which would stop every Ray cluster of the user)."""
@@ -19,8 +20,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from tests._helpers_train import write_prompts
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -85,28 +84,13 @@ def _submit(url: str, entry: list[str], env: dict, timeout: float) -> subprocess
         time.sleep(5)
 
 
-def _job_config(tmp_path: Path) -> Path:
-    from fairdiff_ray.models.sd import save_tiny_model
-    from tests._helpers_train import WORDS
-
-    model = save_tiny_model(tmp_path / "model", words=WORDS)
-    cfg = {
-        "run": {"name": "job", "storage": str(tmp_path / "runs")},
-        "model": {"path": str(model)},
-        "faces": {"detector": "dlib"},
-        "classifier": {"kind": "dlib"},
-        "target": {"gender": {"classes": ["female", "male"], "probs": [0.5, 0.5]}},
-        "adaptor": {"kind": "text_lora", "rank": 2},
-        "sampler": {"scheduler": "ddim", "steps": 2, "steps_jitter": 0},
-        "loss": {"lambda_img": 0.0, "lambda_face": 0.0},
-        "train": {"steps": 2, "images_per_prompt": 2, "chunk_size": 2, "checkpoint_every": 1},
-        "data": {"prompt_sets": [{"path": str(write_prompts(tmp_path / "prompts.jsonl"))}]},
-        "ray": {"num_workers": 1, "cpus_per_worker": 1},
-        "deepspeed": {"zero_stage": 0},
-    }
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+def _job_args(tmp_path: Path) -> list[str]:
+    """The shipped synthetic-world demo config, shortened to 2 steps; paths absolute (no --working-dir upload)."""
+    return ["--config", str(REPO / "configs" / "synthetic_gender.yaml"), "run.name=job",
+            f"run.storage={tmp_path / 'runs'}", f"model.path={REPO / 'assets' / 'synthetic-sd'}",
+            f"data.prompt_sets=[{{path: '{REPO / 'data' / 'prompts' / 'occupations.jsonl'}'}}]",
+            "train.steps=2", "train.prompts_per_step=1", "train.images_per_prompt=2", "train.chunk_size=2",
+            "train.checkpoint_every=1", "sampler.steps=2", "sampler.steps_jitter=0", "ray.cpus_per_worker=1"]
 
 
 def test_cluster_yaml_matches_the_autoscaler_schema():
@@ -130,8 +114,7 @@ def test_cluster_yaml_matches_the_autoscaler_schema():
 @pytest.mark.slow
 def test_debias_job_submitted_with_token_auth(head, tmp_path):
     url, env, token = head
-    config = _job_config(tmp_path)
-    entry = [sys.executable, str(REPO / "jobs" / "debias.py"), "--config", str(config)]
+    entry = [sys.executable, str(REPO / "jobs" / "debias.py"), *_job_args(tmp_path)]
     bad = {**env, "RAY_AUTH_TOKEN": "not-the-token"}
     refused = _submit(url, entry, bad, timeout=300)
     assert refused.returncode != 0
@@ -147,9 +130,9 @@ def test_debias_job_submitted_with_token_auth(head, tmp_path):
     from fairdiff_ray.models.adaptors import load_adaptor
     from fairdiff_ray.models.sd import load_components
 
-    loaded = load_adaptor(load_components(str(tmp_path / "model")), str(adaptor))
+    loaded = load_adaptor(load_components(str(REPO / "assets" / "synthetic-sd")), str(adaptor))
     assert loaded.kind == "text_lora" and loaded.trainable_parameters()
     # the finished run is not clobbered: one line, exit 2, nothing written
-    again = subprocess.run([sys.executable, str(REPO / "jobs" / "debias.py"), "--config", str(config)],
+    again = subprocess.run([sys.executable, str(REPO / "jobs" / "debias.py"), *_job_args(tmp_path)],
                            env={**env, "RAY_ADDRESS": url}, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "already finished" in again.stderr and len(again.stderr.splitlines()) == 1
