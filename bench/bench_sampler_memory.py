@@ -201,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(BENCHMARKS), help="markdown file to write the section into ('-': none)")
     p.add_argument("--section", default="memory")
     args = p.parse_args(argv)
+    if args.device == "cpu" and "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        # the children emulate both settings; a parent started with the variable would give them its heap
+        env = {k: v for k, v in os.environ.items() if k != "MALLOC_TRIM_THRESHOLD_"}
+        os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *(argv or sys.argv[1:])], env)
     steps = sorted(set(args.steps))
     import torch
 

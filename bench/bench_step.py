@@ -148,6 +148,12 @@ def measure(args: argparse.Namespace, model: str) -> dict:
             "ratio": ratio, "ratio_wall": ratio_wall, "clock": "cpu" if args.device == "cpu" else "wall", "repeats": args.repeats, "peak_gib": peak}
 
 
+def allocator() -> str:
+    """The glibc malloc setting this process started with (it changes step times on CPU)."""
+    trim = os.environ.get("MALLOC_TRIM_THRESHOLD_")
+    return "default" if trim is None else f"MALLOC_TRIM_THRESHOLD_={trim}"
+
+
 def compute_dtype_name(cfg) -> str:  # noqa: ANN001
     from fairdiff_ray.dist.engine import compute_dtype
 
@@ -173,7 +179,8 @@ def section(rows: list[dict], args: argparse.Namespace) -> str:
     dev = args.device if args.device != "cuda" else f"cuda ({torch.cuda.get_device_name()})"
     return (
         "## Training step: reference vs fused schedule, in no-grad generations (bench/bench_step.py)\n\n"
-        f"{machine()}, device {dev}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. One process, one "
+        f"{machine()}, device {dev}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, glibc allocator "
+        f"{allocator()}. One process, one "
         "dist.worker.Worker per schedule (gloo group of size 1), one prompt, N images in one chunk, T DDIM steps, "
         "guidance 7.5, text-encoder LoRA rank 8, adjusted estimator, checkpointed eps calls and VAE decode; "
         f"selective = the fused step keeping eps-call activations up to {args.keep_mb:g} MB per chunk instead of "
@@ -219,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(measure(args, model))
     text = section(rows, args)
     print(text)
-    data = {"models": {r["model"]: {"images": r["images"], "steps": r["steps"], "dtype": r["dtype"],
+    data = {"allocator": allocator(),
+            "models": {r["model"]: {"images": r["images"], "steps": r["steps"], "dtype": r["dtype"],
                                      **{k: round(v, 3) for k, v in r["ratio"].items()}} for r in rows}}
     if args.out != "-":
         write_section(Path(args.out), args.section, text, data)

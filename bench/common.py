@@ -18,9 +18,11 @@ HEADER = ("# Benchmarks\n\nWritten by the scripts in `bench/` (each owns one mar
 _DATA = re.compile(r"<!-- data (\{.*?\}) -->")
 
 
-def write_section(path: Path, name: str, body: str, data: dict | None = None, top: bool = False) -> None:
-    """Replace the ``<!-- bench:NAME -->`` section of ``path`` (or add it: at the end, or after the header when
-    ``top``), leaving the rest untouched. ``data``: figures for the summary, kept as a JSON comment."""
+def write_section(path: Path, name: str, body: str, data: dict | None = None, top: bool = False,
+                  after: str | None = None) -> None:
+    """Replace the ``<!-- bench:NAME -->`` section of ``path`` (or add it: after the section ``after`` when
+    there is one, else after the header when ``top``, else at the end), leaving the rest untouched.
+    ``data``: figures for the summary, kept as a JSON comment."""
     from fairdiff_ray.io import atomic_write_text
 
     begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
@@ -28,9 +30,13 @@ def write_section(path: Path, name: str, body: str, data: dict | None = None, to
     if data is not None:
         body = body.rstrip() + "\n\n<!-- data " + json.dumps(data, sort_keys=True) + " -->"
     block = f"{begin}\n{body.strip()}\n{end}"
+    anchor = f"<!-- /bench:{after} -->" if after else None
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
         text = head + block + rest.split(end, 1)[1]
+    elif anchor and anchor in text:
+        head, rest = text.split(anchor, 1)
+        text = head + anchor + "\n\n" + block + "\n" + rest
     elif top and text.startswith(HEADER):
         text = HEADER + "\n" + block + "\n\n" + text[len(HEADER):].lstrip("\n")
     else:
@@ -60,10 +66,11 @@ def _verdict(value: float | None, target: float, at_most: bool) -> str:
 def write_summary(path: Path = BENCHMARKS) -> None:
     """The 'summary' section at the top: each issue-8 target, the measured ratio, met / not met."""
     rows = []
-    for sec, label in (("step", "CPU"), ("step-gpu", "GPU")):
+    for sec, label in (("step", "CPU"), ("step-trim0", "CPU"), ("step-gpu", "GPU")):
         d = section_data(path, sec) or {}
+        alloc = f", allocator {d['allocator']}" if label == "CPU" and "allocator" in d else ""
         for model, r in d.get("models", {}).items():
-            where = f"{model}, N={r['images']}, T={r['steps']}, {r['dtype']} ({label})"
+            where = f"{model}, N={r['images']}, T={r['steps']}, {r['dtype']} ({label}{alloc})"
             for v, how in (("fused", "all eps calls checkpointed"), ("selective", "selective checkpointing")):
                 if f"{v}/reference" not in r:
                     continue
