@@ -56,8 +56,11 @@ def one_run(args: argparse.Namespace, storage: Path, name: str, workers: int) ->
     if result.error is not None:
         raise RuntimeError(f"run {name} failed: {result.error}")
     rows = [json.loads(line) for line in (run_dir(cfg) / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    ips = [float(r["images_per_s"]) for r in sorted(rows, key=lambda r: r["step"])][1:]  # drop the warm-up step
-    return {"workers": workers, "images_per_s": statistics.median(ips), "steps": ips, "wall_s": wall}
+    rows = sorted(rows, key=lambda r: r["step"])[1:]  # drop the warm-up step
+    ips = [float(r["images_per_s"]) for r in rows]
+    cpu = [float(r["cpu_s"]) for r in rows]
+    return {"workers": workers, "images_per_s": statistics.median(ips), "steps": ips, "wall_s": wall,
+            "cpu_s": statistics.median(cpu)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,15 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
     by_w = {w: [x["images_per_s"] for x in runs if x["workers"] == w] for w in args.workers}
-    lines = ["| workers | images/s (median) | per round | x 1 worker (median of per-round ratios) |",
-             "|---|---|---|---|"]
-    speedup = {}
+    lines = ["| workers | images/s (median) | per round | x 1 worker (median of per-round ratios) | "
+             "rank-0 CPU s per step (median) | CPU-time scaling vs 1 worker |", "|---|---|---|---|---|---|"]
+    speedup, cpu_scaling = {}, {}
     for w in args.workers:
-        ratios = [x["images_per_s"] / y["images_per_s"] for x in runs for y in runs
-                  if x["workers"] == w and y["workers"] == 1 and x["round"] == y["round"]]
-        speedup[w] = statistics.median(ratios)
+        pairs = [(x, y) for x in runs for y in runs
+                 if x["workers"] == w and y["workers"] == 1 and x["round"] == y["round"]]
+        speedup[w] = statistics.median(x["images_per_s"] / y["images_per_s"] for x, y in pairs)
+        cpu_scaling[w] = statistics.median(y["cpu_s"] / x["cpu_s"] for x, y in pairs)
+        cpu_w = statistics.median(x["cpu_s"] for x in runs if x["workers"] == w)
         lines.append(f"| {w} | {statistics.median(by_w[w]):.2f} | {', '.join(f'{v:.2f}' for v in by_w[w])} | "
-                     f"{speedup[w]:.2f}x |")
+                     f"{speedup[w]:.2f}x | {cpu_w:.2f} | {cpu_scaling[w]:.2f}x |")
     import platform
 
     text = (
@@ -113,13 +118,16 @@ def main(argv: list[str] | None = None) -> int:
         f"8, DeepSpeed ZeRO-0 (gloo), 1 CPU and 1 torch thread per worker; {args.steps} steps per run, the first "
         f"dropped; {args.rounds} rounds alternating the worker counts. images/s = the per-step metric of rank 0 "
         "(start-up, loading and checkpoints excluded).\n\n" + "\n".join(lines)
-        + f"\n\nOther processes shared the {os.cpu_count()} cores during the run; with W workers on W cores the "
-        "ideal is W x.")
+        + f"\n\nOther processes shared the {os.cpu_count()} cores during the run (load average "
+        f"{os.getloadavg()[0]:.1f} at the end); with W workers on W free cores the ideal is W x. CPU-time scaling = "
+        "rank 0's CPU seconds per step with 1 worker / with W workers (the step's compute per worker; what the "
+        "images/s ratio would approach on free cores, collectives aside).")
     print(text)
     if args.out != "-":
         where = f"synthetic world, N={args.images}, T={args.sampling_steps}, {os.cpu_count()} CPUs"
         write_section(Path(args.out), "workers", text,
-                      {"speedup": {str(w): round(s, 3) for w, s in speedup.items()}, "where": where})
+                      {"speedup": {str(w): round(s, 3) for w, s in speedup.items()}, "where": where,
+                       "cpu_scaling": {str(w): round(s, 3) for w, s in cpu_scaling.items()}})
         write_summary(Path(args.out))
         print(f"wrote {args.out}")
     print(json.dumps({str(w): round(s, 3) for w, s in speedup.items()}))

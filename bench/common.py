@@ -91,8 +91,10 @@ def write_summary(path: Path = BENCHMARKS) -> None:
     if "speedup" in d:
         for w, s in d["speedup"].items():
             if w != "1":
+                cpu = d.get("cpu_scaling", {}).get(w)
+                note = f"; CPU-time scaling {cpu:.2f}x" if cpu is not None else ""
                 rows.append((f"images/s, {w} Ray Train workers / 1", ">= 1.7x" if w == "2" else "-", s,
-                             1.7 if w == "2" else 0.0, False, d.get("where", "")))
+                             1.7 if w == "2" else 0.0, False, d.get("where", "") + note))
     d = section_data(path, "eval") or {}
     for name, r in d.get("per_worker", {}).items():
         rows.append(("evaluation pipeline images/s per worker / plain diffusers loop", ">= 0.9x", r, 0.9, False,

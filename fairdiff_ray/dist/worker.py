@@ -186,7 +186,7 @@ class Worker:
 
     def train_step(self, prompts: list[str], step: int) -> StepOutput:
         cfg = self.cfg
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         torch.manual_seed(stable_seed(cfg.run.seed, "dropout", step, self.rank))  # LoRA dropout only
         steps = num_sampling_steps(cfg, step)
         n_global = cfg.train.images_per_prompt * len(prompts)
@@ -245,6 +245,8 @@ class Worker:
         else:
             self.skipped += 1
         out.metrics = self._step_metrics(parts, stats, len(prompts), applied, steps, n_global, t0)
+        # this rank's CPU time for the step: beside images_per_s it tells computing from waiting (shared cores)
+        out.metrics["cpu_s"] = time.process_time() - c0
         out.metrics.update({f"targets/{a}": t.tolist() for a, t in out.targets.items()})  # last prompt's
         return out
 
