@@ -5,16 +5,44 @@ every test runs torch on one thread (subprocesses inherit OMP_NUM_THREADS=1). Te
 ``ray_cluster`` fixture: one local cluster, started on first use and shared by the whole session; code under test
 that calls ``ray.init`` itself finds it running. A test that starts Ray without asking for the fixture gets it shut
 down afterwards, so it cannot leak into the next test.
+
+Ray settings for the whole session (environment, so subprocess jobs and every Ray process the tests start get
+them too):
+
+- ``RAY_TMPDIR``: a fresh Ray temp root for the session. Ray Train's PlacementGroupCleaner asks the state API
+  about the controller; with no address given that API trusts ``<ray temp>/ray_current_cluster``, which a
+  ``ray start`` anywhere on the machine leaves behind pointing at a head that is gone, and then every Train run
+  ended in a 12 s stop timeout. A private temp root has no such file.
+- ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (Ray Train V2, default 2 s): how often the controller polls the workers.
+  A worker's ``ray.train.report`` waits for the previous report to be polled and the end of a run is noticed at
+  the next poll, so the default cost a tiny test run several seconds per run.
+- ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0`` (Ray Train V2): no node-preemption watcher actor per run (a local
+  test cluster is never drained); one process less to start per run.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 os.environ["OMP_NUM_THREADS"] = "1"
+# short (Ray's socket paths live under it) and removed at the end of the session
+_RAY_TMP = None if "RAY_TMPDIR" in os.environ else tempfile.mkdtemp(prefix="fdray", dir="/tmp")
+if _RAY_TMP is not None:
+    os.environ["RAY_TMPDIR"] = _RAY_TMP
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ray_temp_root():
+    yield
+    if _RAY_TMP is not None:
+        shutil.rmtree(_RAY_TMP, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
