@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -45,8 +46,13 @@ def _wait_for_jobs_api(url: str, env: dict, timeout: float = 180) -> None:
 def head(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
+    # The private HOME holds only the token: caches stay the user's (XDG_CACHE_HOME), or every run would
+    # rebuild DeepSpeed's CPU comm op under HOME/.cache/torch_extensions (~35 s of compiling). Without a drain
+    # timeout the head stops at once on SIGTERM instead of draining for up to 30 s (RAY_GRACEFUL_SHUTDOWN_...).
     env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
-           "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+           "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "XDG_CACHE_HOME": os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")),
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     env.pop("RAY_ADDRESS", None)
     token = subprocess.run([RAY, "get-auth-token", "--generate"], env=env, capture_output=True, text=True,
                            check=True).stdout.strip()
@@ -56,10 +62,11 @@ def head(tmp_path):
     ports = [f"--{name}={_free_port()}" for name in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
         "ray-client-server-port", "node-manager-port", "object-manager-port")]
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: socket paths; removed with the head
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=4",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
-         f"--temp-dir={tempfile.mkdtemp(prefix='ray', dir='/tmp')}", *ports],  # short: socket paths
+         f"--temp-dir={temp}", *ports],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     try:
@@ -71,6 +78,7 @@ def head(tmp_path):
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _submit(url: str, entry: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
