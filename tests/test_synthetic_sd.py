@@ -157,8 +157,9 @@ def test_shipped_model_loads_with_stock_pipeline_and_generates() -> None:
 
 
 @pytest.mark.slow
-def test_pretraining_smoke_run_through_ray(tmp_path) -> None:
-    """The job's code path (Ray Train worker, checkpoints, stock save) at toy sizes."""
+def test_pretraining_smoke_run_through_ray(tmp_path, ray_cluster) -> None:
+    """The job's code path (Ray Train worker, checkpoints, stock save) at toy sizes, on the shared test cluster
+    (run_pretraining joins a running Ray, as jobs/pretrain_synthetic.py under `ray job submit` does)."""
     from fairdiff_ray.synthetic.pretrain import run_pretraining, spec_from_overrides
 
     spec = spec_from_overrides(
