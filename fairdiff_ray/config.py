@@ -119,6 +119,17 @@ class TrainConfig(_Section):
     val_prompts: int = Field(4, gt=0)  # periodic validation: the first this-many 'val' prompts of the mix
     log_every: int = Field(1, gt=0)
     max_grad_norm: float | None = None
+    # learning-rate schedule over train.steps (training/lr.py): constant (METHOD.md, the paper), or a linear
+    # warm-up over warmup_steps followed by a cosine / linear decay to min_lr_ratio * lr at the last step
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _warmup(self) -> TrainConfig:
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"train.warmup_steps={self.warmup_steps} must be smaller than train.steps={self.steps}")
+        return self
 
 
 class PromptSetConfig(_Section):

@@ -132,6 +132,10 @@ class DeepSpeedEngine:
         self.plain_fp32 = cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision == "fp32"
         self.applied = True
 
+    def set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss * self.world, scale_wrt_gas=False)
 
@@ -176,6 +180,10 @@ class PlainEngine:
                                            betas=(0.9, 0.999), eps=1e-8)
         self._micro = 0
         self.applied = True
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()

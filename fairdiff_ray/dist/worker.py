@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from fairdiff_ray.config import FairDiffConfig
 from fairdiff_ray.core import metrics as cm
 from fairdiff_ray.core.ot import assign_targets, expected_targets
+from fairdiff_ray.training.lr import lr_at
 from fairdiff_ray.core.sampler import sample_with_grad
 from fairdiff_ray.core.seeding import noise_from_seeds, stable_seed
 from fairdiff_ray.dist.engine import TrainModules, build_engine, compute_dtype
@@ -189,6 +190,8 @@ class Worker:
         t0, c0 = time.perf_counter(), time.process_time()
         torch.manual_seed(stable_seed(cfg.run.seed, "dropout", step, self.rank))  # LoRA dropout only
         steps = num_sampling_steps(cfg, step)
+        lr = lr_at(step, cfg.train)
+        self.engine.set_lr(lr)
         n_global = cfg.train.images_per_prompt * len(prompts)
         parts: dict[str, float] = {}
         stats: dict[str, list[float]] = {}
@@ -247,6 +250,7 @@ class Worker:
         out.metrics = self._step_metrics(parts, stats, len(prompts), applied, steps, n_global, t0)
         # this rank's CPU time for the step: beside images_per_s it tells computing from waiting (shared cores)
         out.metrics["cpu_s"] = time.process_time() - c0
+        out.metrics["lr"] = lr
         out.metrics.update({f"targets/{a}": t.tolist() for a, t in out.targets.items()})  # last prompt's
         return out
 
