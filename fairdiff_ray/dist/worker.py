@@ -33,10 +33,10 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from fairdiff_ray.config import FairDiffConfig
 from fairdiff_ray.core import metrics as cm
 from fairdiff_ray.core.ot import assign_targets, expected_targets
-from fairdiff_ray.training.lr import lr_at
 from fairdiff_ray.core.sampler import sample_with_grad
 from fairdiff_ray.core.seeding import noise_from_seeds, stable_seed
 from fairdiff_ray.dist.engine import TrainModules, build_engine, compute_dtype
+from fairdiff_ray.training.lr import lr_at
 
 
 def default_components(cfg: FairDiffConfig, device: torch.device, dtype: torch.dtype) -> Any:
@@ -387,12 +387,35 @@ def _same_on_every_rank(name: str | None) -> None:
                            "is inconsistent between workers")
 
 
+def progress_line(done: int, total: int, m: dict[str, Any], elapsed: float, steps_run: int) -> str:
+    """One line of training progress: step, loss, the batch's bias per attribute, speed and time left."""
+    per_step = elapsed / max(steps_run, 1)
+    eta = per_step * (total - done)
+    bias = " ".join(f"{k.removeprefix('train/bias/')} {v:.2f}" for k, v in m.items()
+                    if k.startswith("train/bias/") and isinstance(v, float) and not math.isnan(v))
+    return (f"[train] step {done}/{total}  loss {m.get('loss/total', float('nan')):.3f}  batch bias: {bias or '-'}  "
+            f"lr {m.get('lr', float('nan')):.2e}  {per_step:.1f} s/step  {eta / 60:.1f} min left")
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train V2 logs every ray.train.report at INFO ("Reporting training result ..."), one line per step and
+    worker in the driver's output; our own progress lines say the same. Its logger is named by its file path."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as ray_train_context
+    except ImportError:  # another Ray layout: leave its logging alone
+        return
+    logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """The Ray Train worker function. config: {"cfg": FairDiffConfig dict, "builders": Builders | None}."""
     import json
     import tempfile
     from pathlib import Path
 
+    import ray.data
     import ray.train
     from safetensors.torch import load_file
 
@@ -401,6 +424,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from fairdiff_ray.dist.data import iter_rows, take_prompts
     from fairdiff_ray.dist.metrics import MetricsWriter
 
+    _quiet_ray_train_reports()
     cfg = from_dict(config["cfg"])
     builders = config.get("builders") or Builders()
     device = ray.train.torch.get_device() if cfg.ray.use_gpu else torch.device("cpu")
@@ -426,6 +450,8 @@ def train_loop(config: dict[str, Any]) -> None:
     run_dir = Path(config["run_dir"])
     writer = MetricsWriter(run_dir, start) if rank == 0 else None
     pps = cfg.train.prompts_per_step
+    # the prompt stream is consumed a few rows per step: Ray Data's progress bar would print a line per step
+    ray.data.DataContext.get_current().enable_progress_bars = False
     rows = iter_rows(ray.train.get_dataset_shard("train"), start * pps)
     val_prompts = ([r["prompt"] for r in iter_rows(ray.train.get_dataset_shard("val"))]
                    if cfg.train.validate_every else [])
@@ -433,6 +459,7 @@ def train_loop(config: dict[str, Any]) -> None:
     # damaged checkpoints skipped on resume, carried into every later checkpoint and finished.json
     recovered = [*state.get("recovered", []), *({"damaged": n, "problem": r, "resumed_from": restored.name}
                                                  for n, r in restored.damaged)]
+    t_start = time.perf_counter()
     for step in range(start, cfg.train.steps):
         if builders.fault is not None:
             builders.fault(step, rank)
@@ -445,6 +472,8 @@ def train_loop(config: dict[str, Any]) -> None:
         metrics.setdefault("objective", metrics["train/distance"])  # until the first validation
         if writer is not None:
             writer.write(step, metrics)
+        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+            log(progress_line(done, cfg.train.steps, metrics, time.perf_counter() - t_start, done - start))
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
             with tempfile.TemporaryDirectory(prefix="fairdiff-ckpt-") as tmp:
                 save_checkpoint(w, Path(tmp), done, {"last_val": last_val, "recovered": recovered},
