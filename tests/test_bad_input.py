@@ -370,21 +370,47 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
-def ray_started() -> bool:
-    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+class RayReached(Exception):
+    """Raised by the patched ray.init of ``no_ray``."""
+
+
+@dataclass
+class NoRay:
+    refused: list  # the ray.init calls refused
+    was_started: bool  # Ray was initialised in this process before the test
+    is_initialized: Callable[[], bool]  # the real ray.is_initialized
+
+
+@pytest.fixture
+def no_ray(monkeypatch: pytest.MonkeyPatch) -> NoRay:
+    """Makes reaching Ray fail the test, also in a process that already runs the suite's shared cluster (other
+    test files ran first in it, e.g. under pytest-xdist): ray.is_initialized says no and ray.init raises
+    RayReached, so starting a cluster, joining one (dist.cluster.connect) or Ray's auto-init all end there."""
+    import ray
+
+    state = NoRay([], ray.is_initialized(), ray.is_initialized)
+
+    def refuse(*args, **kwargs):
+        state.refused.append((args, kwargs))
+        raise RayReached("Ray was reached before the input checks failed")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    return state
 
 
 @pytest.mark.parametrize(("case", "setup", "pattern"), RUNTIME_CASES, ids=[c[0] for c in RUNTIME_CASES])
 def test_runtime_errors(tmp_path: Path, world: World, case: str, setup: Setup, pattern: str,
-                        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    assert not ray_started()
+                        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, no_ray: NoRay) -> None:
     argv = setup(tmp_path, world)
     before = snapshot(tmp_path)
     r = run_inproc(argv, tmp_path, capsys, monkeypatch)
     assert_one_line_error(r, pattern)
     assert r.stderr.startswith(f"fairdiff {argv[0]}: error: ")
     assert snapshot(tmp_path) == before  # nothing written, nothing touched
-    assert not ray_started()  # every check ran before a cluster could start
+    # every check ran before a cluster could start (or be joined)
+    assert not no_ray.refused
+    assert no_ray.was_started or not no_ray.is_initialized()
 
 
 def test_corpus_size() -> None:
