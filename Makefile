@@ -29,8 +29,11 @@ sysdeps:
 lint: install
 	$(BIN)/ruff check fairdiff_ray jobs tests bench
 
+# Two pytest-xdist workers, each with its own local Ray cluster (tests/conftest.py); whole files per worker
+# (module fixtures hold finished runs), the long files handed out first (conftest). PYTEST_WORKERS=0: one process.
+PYTEST_WORKERS ?= 2
 test: install sysdeps lint
-	$(BIN)/python -m pytest -q --timeout=900 --durations=15 tests
+	$(BIN)/python -m pytest -q --timeout=900 --durations=15 -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 demo: install
 	$(BIN)/python jobs/demo.py

@@ -4,7 +4,8 @@ Small tensors on two threads spin-wait badly when the CI machine's two cores are
 every test runs torch on one thread (subprocesses inherit OMP_NUM_THREADS=1). Tests that need Ray ask for the
 ``ray_cluster`` fixture: one local cluster, started on first use and shared by the whole session; code under test
 that calls ``ray.init`` itself finds it running. A test that starts Ray without asking for the fixture gets it shut
-down afterwards, so it cannot leak into the next test.
+down afterwards, so it cannot leak into the next test. Under pytest-xdist (``make test``) each worker process
+has its own such cluster, and the long test files are handed out first (``pytest_collection_modifyitems``).
 
 Ray settings for the whole session (environment, so subprocess jobs and every Ray process the tests start get
 them too):
@@ -36,6 +37,20 @@ if _RAY_TMP is not None:
     os.environ["RAY_TMPDIR"] = _RAY_TMP
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``make test``: ``-n 2 --dist loadfile --no-loadscope-reorder``) the test files go to
+    the workers in collection order; the long ones (a ``slow`` mark, or the Ray cluster) are put first, so the
+    many short files fill the gaps at the end instead of one worker finishing a long file alone."""
+    if getattr(config, "workerinput", None) is None:  # not an xdist worker: the usual order
+        return
+
+    def file_of(item) -> str:
+        return item.nodeid.split("::", 1)[0]
+
+    heavy = {file_of(i) for i in items if i.get_closest_marker("slow") or "ray_cluster" in i.fixturenames}
+    items.sort(key=lambda i: file_of(i) not in heavy)  # stable: the order inside each group is kept
 
 
 @pytest.fixture(scope="session", autouse=True)
