@@ -27,16 +27,34 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 
 import pytest
 
 os.environ["OMP_NUM_THREADS"] = "1"
-# short (Ray's socket paths live under it) and removed at the end of the session
-_RAY_TMP = None if "RAY_TMPDIR" in os.environ else tempfile.mkdtemp(prefix="fdray", dir="/tmp")
-if _RAY_TMP is not None:
-    os.environ["RAY_TMPDIR"] = _RAY_TMP
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+_RAY_TMP: str | None = None
+
+
+def pytest_configure(config):
+    """The session's Ray temp root: short (Ray's socket paths live under it), made before any test starts Ray."""
+    global _RAY_TMP
+    if "RAY_TMPDIR" not in os.environ:
+        _RAY_TMP = tempfile.mkdtemp(prefix="fdray", dir="/tmp")
+        os.environ["RAY_TMPDIR"] = _RAY_TMP
+
+
+def pytest_unconfigure(config):
+    """Removed after the session (Ray's processes may still be writing their last logs for a moment)."""
+    if _RAY_TMP is None:
+        return
+    os.environ.pop("RAY_TMPDIR", None)
+    for _ in range(10):
+        shutil.rmtree(_RAY_TMP, ignore_errors=True)
+        if not os.path.exists(_RAY_TMP):
+            return
+        time.sleep(0.5)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -51,13 +69,6 @@ def pytest_collection_modifyitems(config, items):
 
     heavy = {file_of(i) for i in items if i.get_closest_marker("slow") or "ray_cluster" in i.fixturenames}
     items.sort(key=lambda i: file_of(i) not in heavy)  # stable: the order inside each group is kept
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _ray_temp_root():
-    yield
-    if _RAY_TMP is not None:
-        shutil.rmtree(_RAY_TMP, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
