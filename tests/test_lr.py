@@ -74,7 +74,12 @@ def test_worker_steps_use_the_scheduled_rate(tmp_path, stage: int) -> None:
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not dist.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29300 + os.getpid() % 500))
+        import socket
+
+        with socket.socket() as sock:  # a free port (two xdist workers may run worker tests at once)
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=0, world_size=1)
     cfg = tiny_config(tmp_path, f"deepspeed.zero_stage={stage}", "train.lr_schedule=linear", "train.steps=3",
                       "train.lr=0.01", "sampler.steps=2", "sampler.steps_jitter=0")
