@@ -4,6 +4,7 @@ non-finite-gradient skip, the two backward schedules, seeds and the DeepSpeed co
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 import torch
@@ -20,7 +21,10 @@ PROMPT = "a photo of the face of a nurse"
 def process_group():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not dist.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29400 + os.getpid() % 500))
+        with socket.socket() as sock:  # a free port: two xdist workers may run worker tests at the same time
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=0, world_size=1)
     yield
 
@@ -128,3 +132,15 @@ def test_deepspeed_config_follows_the_run_config():
     assert c["bf16"]["enabled"] and c["gradient_clipping"] == 1.0 and c["optimizer"]["params"]["lr"] == 0.001
     with pytest.raises(ValueError, match="zero_stage >= 1"):
         deepspeed_config(load_config(None, ["deepspeed.offload_optimizer=true"]), 1, 1)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_steps_use_the_scheduled_learning_rate(tmp_path, stage: int) -> None:
+    """Through DeepSpeed (ZeRO-0 torch optimizer, ZeRO-2 partitioned optimizer) each step's lr is training/lr.py's."""
+    w = _worker(tmp_path, f"deepspeed.zero_stage={stage}", "train.lr_schedule=linear", "train.steps=3",
+                "train.lr=0.01", "sampler.steps=2", "sampler.steps_jitter=0")
+    for step, want in enumerate([0.01, 0.005, 0.0]):
+        out = w.train_step([PROMPT], step)
+        assert out.metrics["lr"] == pytest.approx(want)
+        groups = w.engine.engine.optimizer.param_groups
+        assert [g["lr"] for g in groups] == pytest.approx([want] * len(groups))
