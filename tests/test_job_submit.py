@@ -98,7 +98,8 @@ def _job_args(tmp_path: Path) -> list[str]:
             f"run.storage={tmp_path / 'runs'}", f"model.path={REPO / 'assets' / 'synthetic-sd'}",
             f"data.prompt_sets=[{{path: '{REPO / 'data' / 'prompts' / 'occupations.jsonl'}'}}]",
             "train.steps=2", "train.prompts_per_step=1", "train.images_per_prompt=2", "train.chunk_size=2",
-            "train.checkpoint_every=1", "sampler.steps=2", "sampler.steps_jitter=0", "ray.cpus_per_worker=1"]
+            "train.checkpoint_every=1", "sampler.steps=2", "sampler.steps_jitter=0", "ray.cpus_per_worker=1",
+            "ray.num_workers=1"]
 
 
 def test_cluster_yaml_matches_the_autoscaler_schema():

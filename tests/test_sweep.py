@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "configs" / "sweep_synthetic.yaml"
 # 4 SGD steps of 4 images x 4 sampling steps; validation on 2 held-out prompts after steps 2 and 4
 TINY = ["train.steps=4", "train.checkpoint_every=2", "train.validate_every=2", "train.val_prompts=2",
-        "train.images_per_prompt=4", "train.chunk_size=4", "sampler.steps=4", "ray.cpus_per_worker=1"]
+        "train.images_per_prompt=4", "train.chunk_size=4", "sampler.steps=4", "ray.cpus_per_worker=1",
+        "ray.num_workers=1"]
 
 
 def _state(sweep_dir: Path) -> dict[str, tuple[int, ...]]:

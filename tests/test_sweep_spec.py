@@ -71,10 +71,10 @@ def test_concurrency_from_cluster_resources() -> None:
     from fairdiff_ray.dist.tune import max_concurrent
 
     spec = load_sweep(ROOT / "configs/sweep_synthetic.yaml")
-    one = spec.base_config(["ray.cpus_per_worker=1"])
+    one = spec.base_config(["ray.num_workers=1", "ray.cpus_per_worker=1"])
     assert max_concurrent(spec, one, {"CPU": 4.0}) == 3  # one CPU of head-room for Ray Data tasks
     assert max_concurrent(spec, one, {"CPU": 1.0}) == 1  # no room for head-room: one trial at a time
-    two = spec.base_config(["ray.cpus_per_worker=2"])
+    two = spec.base_config(["ray.num_workers=1", "ray.cpus_per_worker=2"])
     assert max_concurrent(spec, two, {"CPU": 2.0}) == 1 and max_concurrent(spec, two, {"CPU": 16.0}) == 7
     gpu = spec.base_config(["ray.use_gpu=true", "ray.num_workers=2", "ray.cpus_per_worker=1"])
     assert max_concurrent(spec, gpu, {"CPU": 64.0, "GPU": 4.0}) == 2

@@ -5,12 +5,64 @@
 - unset and ``RAY_ADDRESS`` in the environment (what ``ray job submit`` gives the entry point): the job's cluster.
 - otherwise: a new private local cluster, never another process's stale one (plain ``ray.init()`` would join the
   last cluster recorded in /tmp/ray, even one whose head is gone).
+
+A new local cluster gets, unless the environment already sets them (the Ray processes it starts inherit them):
+- ``RAY_TMPDIR``: a private temp root, removed when the process exits (set RAY_TMPDIR to keep Ray's logs), whose ``ray/ray_current_cluster`` names the
+  new cluster. Ray Train's PlacementGroupCleaner asks the state API about the run's controller, and with no
+  address that API trusts ``<ray temp>/ray_current_cluster``: a stale one left by an earlier ``ray start`` cost
+  every training run a 10-12 s stop timeout, and none at all made the cleaner warn at every poll.
+- ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.25`` (Ray Train V2, default 2 s): a worker's ``ray.train.report`` waits
+  for the controller's next poll, and the end of a run is noticed at a poll; with steps of a few seconds on one
+  machine the default poll is a visible share of the run.
+- ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0``: a one-machine cluster is never drained; the watcher actor only
+  cost a process and logged an error line at every start.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
+import time
 from typing import Any
+
+LOCAL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def _private_local_env() -> str | None:
+    """The environment of a new local cluster (module docstring); a private RAY_TMPDIR (returned) only if none
+    is set."""
+    for k, v in LOCAL_ENV.items():
+        os.environ.setdefault(k, v)
+    if "RAY_TMPDIR" in os.environ:
+        return None
+    tmp = tempfile.mkdtemp(prefix="fdray", dir="/tmp")  # short: Ray's socket paths live under it
+    os.environ["RAY_TMPDIR"] = tmp
+
+    def _remove() -> None:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        for _ in range(10):  # Ray's processes may still be writing their last logs for a moment
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not os.path.exists(tmp):
+                return
+            time.sleep(0.5)
+
+    atexit.register(_remove)
+    return tmp
+
+
+def _record_address(tmp: str) -> None:
+    """``<tmp>/ray/ray_current_cluster`` = this cluster's GCS address (as ``ray start`` records its own)."""
+    import ray
+
+    d = os.path.join(tmp, "ray")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "ray_current_cluster"), "w") as f:
+        f.write(ray.get_runtime_context().gcs_address)
 
 
 def connect(address: str | None, **local_kwargs: Any) -> None:
@@ -24,4 +76,7 @@ def connect(address: str | None, **local_kwargs: Any) -> None:
     elif os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=local_kwargs.get("log_to_driver", True))
     else:
-        ray.init(address="local", **{"include_dashboard": False, **local_kwargs})
+        tmp = _private_local_env()
+        ray.init(address="local", **{"include_dashboard": True, "dashboard_host": "127.0.0.1", **local_kwargs})
+        if tmp is not None:
+            _record_address(tmp)

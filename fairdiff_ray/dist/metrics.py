@@ -1,9 +1,9 @@
-"""Training metrics out of the workers: ``<run>/metrics.jsonl``, TensorBoard event files, driver progress lines.
+"""Training metrics out of the workers: ``<run>/metrics.jsonl``, TensorBoard event files, TensorBoard events.
 
 Rank 0 writes one JSON line and one TensorBoard scalar per numeric metric per step (torch.utils.tensorboard;
 the tensorboard package is a pinned dependency). On resume the lines of steps not covered by the checkpoint
-are dropped first, so the file holds every step exactly once. The progress line is printed by a Ray Train
-UserCallback on the controller (Ray forwards it to the driver's output) every ``train.log_every`` steps.
+are dropped first, so the file holds every step exactly once. The progress line is rank 0's
+(dist.worker.progress_line, every ``train.log_every`` steps).
 """
 
 from __future__ import annotations
@@ -13,10 +13,6 @@ import math
 import os
 from pathlib import Path
 from typing import Any
-
-from ray.train import UserCallback
-
-PROGRESS_KEYS = ("loss/total", "loss/align", "loss/img", "loss/face")
 
 
 def _clean(v: Any) -> Any:
@@ -77,35 +73,3 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def progress_line(metrics: dict[str, Any], total_steps: int) -> str:
-    step = int(metrics.get("step", 0))
-    parts = [f"[fairdiff] step {step + 1}/{total_steps}"]
-    for k in PROGRESS_KEYS:
-        if metrics.get(k) is not None:
-            parts.append(f"{k} {metrics[k]:.4f}")
-    for k, v in sorted(metrics.items()):
-        if k.startswith(("train/bias/", "train/confident/")) and v is not None:
-            parts.append(f"{k.removeprefix('train/')} {v:.3f}")
-    if "objective" in metrics and metrics.get("objective") is not None:
-        parts.append(f"objective {metrics['objective']:.3f}")
-    parts.append(f"{metrics.get('images_per_s', 0.0):.2f} img/s")
-    if metrics.get("skipped"):
-        parts.append(f"skipped {int(metrics['skipped'])}")
-    return ", ".join(parts)
-
-
-class ProgressCallback(UserCallback):
-    """One progress line every ``log_every`` steps (and the last), printed on the Train controller."""
-
-    def __init__(self, log_every: int, total_steps: int):
-        self.log_every, self.total_steps = log_every, total_steps
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        if not metrics:
-            return
-        m = metrics[0]
-        step = int(m.get("step", 0))
-        if (step + 1) % self.log_every == 0 or step + 1 == self.total_steps:
-            print(progress_line(m, self.total_steps), flush=True)

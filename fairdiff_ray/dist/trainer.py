@@ -13,12 +13,14 @@ its adaptor, and put back if the new run fails or is interrupted (the failed att
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
 import threading
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from fairdiff_ray.config import FairDiffConfig
@@ -65,7 +67,6 @@ def build_trainer(cfg: FairDiffConfig, callbacks: list | None = None, run_config
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from fairdiff_ray.dist.metrics import ProgressCallback
     from fairdiff_ray.dist.worker import train_loop
 
     run_kwargs: dict[str, Any] = {
@@ -73,7 +74,7 @@ def build_trainer(cfg: FairDiffConfig, callbacks: list | None = None, run_config
         "storage_path": storage_path(cfg),
         "failure_config": FailureConfig(max_failures=cfg.ray.max_failures),
         "checkpoint_config": CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
-        "callbacks": [ProgressCallback(cfg.train.log_every, cfg.train.steps), *(callbacks or [])],
+        "callbacks": [*(callbacks or [])],
     }
     run_kwargs.update(run_config_overrides or {})
     resources = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {})}
@@ -207,6 +208,22 @@ def _fit(trainer: Any, cfg: FairDiffConfig) -> Any:
             signal.signal(signal.SIGINT, handler)
 
 
+@contextlib.contextmanager
+def _no_data_progress_bars() -> Iterator[None]:
+    """The prompt streams are consumed a few rows per step, so Ray Data's progress bar (drawn by the split
+    coordinator, with the context the datasets capture when they are made) printed one line per step; the
+    training's own progress line says where the run is. Restored after, for the evaluation's datasets."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    old = ctx.enable_progress_bars
+    ctx.enable_progress_bars = False
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars = old
+
+
 def run_debias(cfg: FairDiffConfig, builders: Any = None) -> Path:
     """Connect to Ray (ray.address, else RAY_ADDRESS, else a local cluster), fit (resuming an unfinished run
     of the same name), export the EMA adaptor to <run>/adaptor and print its path."""
@@ -221,7 +238,9 @@ def run_debias(cfg: FairDiffConfig, builders: Any = None) -> Path:
         print(note, flush=True)
     previous = _set_aside_finished(cfg) if mode == "overwrite" else None
     try:
-        result = _fit(build_trainer(cfg, builders=builders), cfg)
+        with _no_data_progress_bars():
+            trainer = build_trainer(cfg, builders=builders)
+        result = _fit(trainer, cfg)
         out = export_result(cfg, result)
     except BaseException:  # KeyboardInterrupt too: the previous finished run must come back
         if previous is not None:

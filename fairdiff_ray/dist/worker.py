@@ -20,6 +20,7 @@ Collectives (all_gather / all_reduce) are here, never in core/.
 from __future__ import annotations
 
 import contextlib
+import sys
 import math
 import time
 from collections.abc import Callable
@@ -409,6 +410,13 @@ def _quiet_ray_train_reports() -> None:
     logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
 
 
+def _stdout_line(s: str) -> None:
+    """One line to the worker's stdout (Ray forwards it to the driver). Not print(): Ray Train V2 patches print
+    in its workers to log through the root logger, and the line reached the driver twice."""
+    sys.stdout.write(s + "\n")
+    sys.stdout.flush()
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """The Ray Train worker function. config: {"cfg": FairDiffConfig dict, "builders": Builders | None}."""
     import json
@@ -430,7 +438,7 @@ def train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if cfg.ray.use_gpu else torch.device("cpu")
     rank = ray.train.get_context().get_world_rank()
     start, state = 0, {}
-    log = (lambda s: print(s, flush=True)) if rank == 0 else (lambda s: None)
+    log = _stdout_line if rank == 0 else (lambda s: None)
     # Ray's latest checkpoint, or the newest intact one before it when that one is damaged (said in the log)
     with open_intact(ray.train.get_checkpoint(), log) as restored:
         d, attempt = restored.dir, restored.attempt
