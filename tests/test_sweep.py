@@ -58,7 +58,7 @@ def test_table_has_every_trial_config_and_final_metrics(sweep):
     assert set(df["status"]) == {"OK"}
     got = {(tuple(json.loads(p)), int(r)) for p, r in zip(df["cfg:target.age.probs"], df["cfg:adaptor.rank"])}
     assert got == {((0.9, 0.1), 2), ((0.9, 0.1), 8), ((0.75, 0.25), 2), ((0.75, 0.25), 8)}
-    assert (df["rank"] == df["cfg:adaptor.rank"]).all() and set(df["kind"]) == {"text_lora"}
+    assert (df["rank"] == df["cfg:adaptor.rank"]).all() and set(df["kind"]) == {spec.base_config([]).adaptor.kind}
     assert list(df["objective"]) == sorted(df["objective"])  # best first
     for _, r in df.iterrows():
         assert r["steps_done"] == 4

@@ -7,10 +7,11 @@
   last cluster recorded in /tmp/ray, even one whose head is gone).
 
 A new local cluster gets, unless the environment already sets them (the Ray processes it starts inherit them):
-- ``RAY_TMPDIR``: a private temp root, removed when the process exits (set RAY_TMPDIR to keep Ray's logs), whose ``ray/ray_current_cluster`` names the
-  new cluster. Ray Train's PlacementGroupCleaner asks the state API about the run's controller, and with no
-  address that API trusts ``<ray temp>/ray_current_cluster``: a stale one left by an earlier ``ray start`` cost
-  every training run a 10-12 s stop timeout, and none at all made the cleaner warn at every poll.
+- ``RAY_TMPDIR``: a private temp root, removed when the process exits (set RAY_TMPDIR to keep Ray's logs),
+  whose ``ray/ray_current_cluster`` names the new cluster. Ray Train's PlacementGroupCleaner asks the state
+  API about the run's controller, and with no address that API trusts ``<ray temp>/ray_current_cluster``: a
+  stale one left by an earlier ``ray start`` cost every training run a 10-12 s stop timeout. The state API also
+  needs the dashboard, so a local cluster starts one (on 127.0.0.1); without it the cleaner warned every second.
 - ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.25`` (Ray Train V2, default 2 s): a worker's ``ray.train.report`` waits
   for the controller's next poll, and the end of a run is noticed at a poll; with steps of a few seconds on one
   machine the default poll is a visible share of the run.
