@@ -157,3 +157,28 @@ def test_asha_stops_on_steps_done_and_never_at_the_final_report() -> None:
     assert asha.on_trial_result(None, good, {"steps_done": 40, "objective": 0.2}) == TrialScheduler.CONTINUE
     assert asha.on_trial_result(None, good, final) == TrialScheduler.CONTINUE  # left to finish and export
     assert asha_scheduler(load_sweep(ROOT / "configs/sweep_synthetic.yaml", ["asha=null"]), base) is None
+
+
+def test_sweep_joins_ray_by_the_cluster_rule(monkeypatch, tmp_path) -> None:
+    """run_sweep picks its cluster with dist.cluster.connect (ray.address, else RAY_ADDRESS, else a private local
+    one): a bare ray.init() joined the cluster recorded in /tmp/ray/ray_current_cluster even when its head was
+    gone, and the sweep hung retrying it."""
+    import fairdiff_ray.dist.cluster as cluster
+    from fairdiff_ray.dist.tune import run_sweep
+
+    class Joined(Exception):
+        pass
+
+    seen: list[str | None] = []
+
+    def fake_connect(address, **kw):
+        seen.append(address)
+        raise Joined
+
+    monkeypatch.setattr(cluster, "connect", fake_connect)
+    spec = load_sweep(ROOT / "configs/sweep_synthetic.yaml", [f"storage={tmp_path}"])
+    monkeypatch.chdir(ROOT)  # the base config's relative prompt paths
+    with pytest.raises(Joined):
+        run_sweep(spec)
+    assert seen == [spec.base_config().ray.address]
+    assert not (tmp_path / spec.name).exists()  # nothing written before a cluster is reached

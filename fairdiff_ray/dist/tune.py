@@ -219,14 +219,14 @@ def run_sweep(spec: SweepSpec) -> Path:
     import ray
     from ray import tune
 
+    from fairdiff_ray.dist.cluster import connect
     from fairdiff_ray.dist.data import check_prompt_sets
     from fairdiff_ray.sweep.results import write_plots, write_table
 
     sweep_dir = (Path(spec.storage) / spec.name).resolve()
     base = spec.base_config()
     check_prompt_sets(base)
-    if not ray.is_initialized():
-        ray.init(address=base.ray.address)
+    connect(base.ray.address)  # dist.cluster's rule: never a stale cluster recorded in /tmp/ray
     limit = max_concurrent(spec, base, ray.cluster_resources())  # before anything is written
     # Trials read the model and prompt files by the paths the configs give (relative to where the sweep was
     # started); they write only under the sweep directory, so Tune must not move them into their trial dirs.
