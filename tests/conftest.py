@@ -24,16 +24,15 @@ them too):
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
-import time
 
 import pytest
 
+from fairdiff_ray.dist.cluster import LOCAL_ENV, new_ray_temp_root, remove_ray_temp_root
+
 os.environ["OMP_NUM_THREADS"] = "1"
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+for _k, _v in LOCAL_ENV.items():  # the settings the product gives its own local clusters (dist/cluster.py)
+    os.environ.setdefault(_k, _v)
 _RAY_TMP: str | None = None
 
 
@@ -41,7 +40,7 @@ def pytest_configure(config):
     """The session's Ray temp root: short (Ray's socket paths live under it), made before any test starts Ray."""
     global _RAY_TMP
     if "RAY_TMPDIR" not in os.environ:
-        _RAY_TMP = tempfile.mkdtemp(prefix="fdray", dir="/tmp")
+        _RAY_TMP = new_ray_temp_root()
         os.environ["RAY_TMPDIR"] = _RAY_TMP
 
 
@@ -50,11 +49,7 @@ def pytest_unconfigure(config):
     if _RAY_TMP is None:
         return
     os.environ.pop("RAY_TMPDIR", None)
-    for _ in range(10):
-        shutil.rmtree(_RAY_TMP, ignore_errors=True)
-        if not os.path.exists(_RAY_TMP):
-            return
-        time.sleep(0.5)
+    remove_ray_temp_root(_RAY_TMP)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -31,6 +31,20 @@ from typing import Any
 LOCAL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
+def new_ray_temp_root() -> str:
+    """A fresh Ray temp root, short (Ray's socket paths live under it, at most 107 bytes)."""
+    return tempfile.mkdtemp(prefix="fdray", dir="/tmp")
+
+
+def remove_ray_temp_root(path: str) -> None:
+    """Remove it, retrying briefly: Ray's processes may still be writing their last logs after shutdown."""
+    for _ in range(10):
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.exists(path):
+            return
+        time.sleep(0.5)
+
+
 def _private_local_env() -> str | None:
     """The environment of a new local cluster (module docstring); a private RAY_TMPDIR (returned) only if none
     is set."""
@@ -38,7 +52,7 @@ def _private_local_env() -> str | None:
         os.environ.setdefault(k, v)
     if "RAY_TMPDIR" in os.environ:
         return None
-    tmp = tempfile.mkdtemp(prefix="fdray", dir="/tmp")  # short: Ray's socket paths live under it
+    tmp = new_ray_temp_root()
     os.environ["RAY_TMPDIR"] = tmp
 
     def _remove() -> None:
@@ -46,11 +60,7 @@ def _private_local_env() -> str | None:
 
         if ray.is_initialized():
             ray.shutdown()
-        for _ in range(10):  # Ray's processes may still be writing their last logs for a moment
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not os.path.exists(tmp):
-                return
-            time.sleep(0.5)
+        remove_ray_temp_root(tmp)
 
     atexit.register(_remove)
     return tmp

@@ -1,4 +1,4 @@
-"""Training metrics out of the workers: ``<run>/metrics.jsonl``, TensorBoard event files, TensorBoard events.
+"""Training metrics out of the workers: ``<run>/metrics.jsonl`` and TensorBoard event files.
 
 Rank 0 writes one JSON line and one TensorBoard scalar per numeric metric per step (torch.utils.tensorboard;
 the tensorboard package is a pinned dependency). On resume the lines of steps not covered by the checkpoint

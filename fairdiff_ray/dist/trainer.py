@@ -19,8 +19,8 @@ import shutil
 import signal
 import threading
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from fairdiff_ray.config import FairDiffConfig
@@ -74,7 +74,7 @@ def build_trainer(cfg: FairDiffConfig, callbacks: list | None = None, run_config
         "storage_path": storage_path(cfg),
         "failure_config": FailureConfig(max_failures=cfg.ray.max_failures),
         "checkpoint_config": CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
-        "callbacks": [*(callbacks or [])],
+        "callbacks": list(callbacks or []),
     }
     run_kwargs.update(run_config_overrides or {})
     resources = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {})}

@@ -20,8 +20,8 @@ Collectives (all_gather / all_reduce) are here, never in core/.
 from __future__ import annotations
 
 import contextlib
-import sys
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
