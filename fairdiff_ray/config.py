@@ -85,6 +85,9 @@ class SamplerConfig(_Section):
 
 class LossConfig(_Section):
     threshold: float = Field(0.8, gt=0, le=1)  # C: confidence needed for a target
+    # per-attribute C overriding ``threshold`` (e.g. {age: 0.5}): with a non-uniform target and a small N the
+    # images that should change class sit near the OT boundary, where a high C drops them
+    thresholds: dict[str, float] = {}
     ot_method: Literal["auto", "closed_form", "exact", "monte_carlo"] = "auto"
     num_draws: int = Field(200, gt=0)
     age_asymmetric_cost: bool = False
@@ -199,6 +202,11 @@ class FairDiffConfig(_Section):
 
     @model_validator(mode="after")
     def _invariants(self) -> FairDiffConfig:
+        for a, c in self.loss.thresholds.items():
+            if a not in self.target:
+                raise ValueError(f"loss.thresholds names {a!r}, which is not a target attribute ({', '.join(self.target)})")
+            if not 0 < c <= 1:
+                raise ValueError(f"loss.thresholds.{a}={c} must be in (0, 1]")
         n, w = self.train.images_per_prompt, self.ray.num_workers
         if n % w:
             raise ValueError(

@@ -63,6 +63,8 @@ CONFIG_CASES: list[tuple[str, str | None, list[str], str]] = [
     ("images-not-divisible", None, ["ray.num_workers=5"], r"does not divide over ray.num_workers"),
     ("truncated-without-k", None, ["sampler.estimator=truncated"], r"truncate_k"),
     ("threshold-above-one", None, ["loss.threshold=1.5"], r"loss.threshold"),
+    ("thresholds-not-a-target", None, ["loss.thresholds.age=0.5"], r"loss.thresholds names 'age'"),
+    ("thresholds-above-one", None, ["loss.thresholds.gender=1.5"], r"loss.thresholds.gender=1.5"),
     ("ema-decay-one", None, ["adaptor.ema_decay=1.0"], r"adaptor.ema_decay"),
     ("zero-stage-4", None, ["deepspeed.zero_stage=4"], r"deepspeed.zero_stage"),
     ("bad-precision", None, ["deepspeed.precision=fp8"], r"deepspeed.precision"),

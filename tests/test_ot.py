@@ -283,3 +283,29 @@ def test_assign_targets_threshold():
     assert assign_targets(q, threshold=0.5)["gender"].tolist() == [0, 0, 0, -1, 1]
     with pytest.raises(ValueError):
         assign_targets(q, threshold=0.0)
+
+
+def test_assign_targets_per_attribute_threshold():
+    """A per-attribute C overrides the default for that attribute only."""
+    q = {
+        "gender": torch.tensor([[0.7, 0.3], [0.55, 0.45], [0.1, 0.9]]),
+        "age": torch.tensor([[0.7, 0.3], [0.45, 0.55], [0.1, 0.9]]),
+    }
+    y = assign_targets(q, threshold=0.8, per_attribute={"age": 0.5})
+    assert y["gender"].tolist() == [-1, -1, 1]
+    assert y["age"].tolist() == [0, 1, 1]
+    with pytest.raises(ValueError, match="age"):
+        assign_targets(q, per_attribute={"age": 1.5})
+
+
+def test_per_attribute_threshold_reaches_a_non_uniform_target():
+    """Age 75/25, N = 16, closed-form expected OT on images ranked by p(old): with C = 0.6 only 3 images (ranks
+    13-15) get a confident 'old' target, so a model already at 3/16 = 0.19 old is never pushed up; with C = 0.5
+    for age the 4 top ranks get 'old', the target's 0.25."""
+    p_old = torch.linspace(0.01, 0.99, 16)
+    probs = {"age": torch.stack([1 - p_old, p_old], dim=1)}
+    t = TargetDistribution.from_spec({"age": {"classes": ["young", "old"], "probs": [0.75, 0.25]}})
+    q = expected_targets(probs, t)
+    old_default = (assign_targets(q, 0.6)["age"] == 1).sum().item()
+    old_age = (assign_targets(q, 0.6, {"age": 0.5})["age"] == 1).sum().item()
+    assert old_default == 3 and old_age == 4

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import ot as pot
@@ -313,21 +314,27 @@ def _marginals(
     return out
 
 
-def assign_targets(q: dict[str, torch.Tensor], threshold: float = 0.8) -> dict[str, torch.Tensor]:
+def assign_targets(
+    q: dict[str, torch.Tensor], threshold: float = 0.8, per_attribute: Mapping[str, float] | None = None
+) -> dict[str, torch.Tensor]:
     """Confident targets y_i = argmax q_i where max q_i >= threshold (the C of METHOD.md), else -1.
 
     q: attribute -> (N, K_a) expected targets; all-zero rows (images without a face) get -1.
+    per_attribute: attribute -> its own C, overriding ``threshold`` for that attribute.
     Returns attribute -> (N,) long.
     """
-    if not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     if not isinstance(q, dict):
         raise ValueError(f"assign_targets takes attribute -> (N, K) tensors, got {type(q).__name__}")
+    per_attribute = dict(per_attribute or {})
+    for name, c in [("threshold", threshold), *per_attribute.items()]:
+        if not 0 < c <= 1:
+            raise ValueError(f"threshold {name!r} must be in (0, 1], got {c}")
     out = {}
     for a, qa in q.items():
         if qa.dim() != 2:
             raise ValueError(f"q[{a!r}] must be (N, K), got shape {tuple(qa.shape)}")
+        c = per_attribute.get(a, threshold)
         conf, arg = qa.double().max(dim=1)
         # q from draw averages lands on k/num_draws; the tolerance keeps 160/200 == 0.8 confident
-        out[a] = torch.where(conf >= threshold - 1e-9, arg, torch.full_like(arg, -1))
+        out[a] = torch.where(conf >= c - 1e-9, arg, torch.full_like(arg, -1))
     return out

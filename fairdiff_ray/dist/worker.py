@@ -220,7 +220,7 @@ class Worker:
                 g_probs, self.target, valid=g_found, method=cfg.loss.ot_method, num_draws=cfg.loss.num_draws,
                 generator=torch.Generator().manual_seed(stable_seed(cfg.run.seed, "ot", step, p_idx)),
                 age_asymmetric=cfg.loss.age_asymmetric_cost)
-            y = assign_targets(q, cfg.loss.threshold)
+            y = assign_targets(q, cfg.loss.threshold, cfg.loss.thresholds)
             out.targets = y
             self._batch_stats(stats, g_probs, g_found, y)
             # pass 4: loss on the local rows, backward per chunk
