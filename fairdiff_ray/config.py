@@ -62,6 +62,9 @@ class AdaptorConfig(_Section):
     text_targets: list[str] = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
     unet_targets: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
     soft_tokens: int = Field(5, gt=0)
+    # where the soft tokens go: right after BOS (METHOD.md, the paper) or right after the prompt's last token.
+    # A small text encoder trained on fixed templates can break when every real token moves soft_tokens places
+    soft_position: Literal["prefix", "suffix"] = "prefix"
     ema_decay: float = Field(0.996, ge=0, lt=1)
 
 
@@ -96,6 +99,10 @@ class LossConfig(_Section):
     mismatch_weight: dict[str, float] = {"gender": 0.2, "race": 0.6, "age": 0.6}
     face_region_scale: dict[str, float] = {"gender": 0.2, "race": 0.3, "age": 0.3}
     face_confidence: float = Field(0.9, gt=0, le=1)
+    # L_img weight of an image whose face the detector no longer finds although the original image has one
+    # (1 = METHOD.md). Such images get no alignment target, so drifting into a blurred, undetected face escapes
+    # the CE; a larger weight pulls them back to the original.
+    lost_face_weight: float = Field(1.0, ge=0)
 
 
 class FeaturesConfig(_Section):

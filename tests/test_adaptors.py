@@ -31,8 +31,8 @@ PROMPT = "a photo of the face of a nurse"
 SEEDS = [4, 9]
 STEPS = 3
 LORA_KINDS = ["text_lora", "unet_lora", "both"]
-ALL_KINDS = [*LORA_KINDS, "soft_prompt", "full_unet", "full_text"]
-EXPORTABLE = [*LORA_KINDS, "soft_prompt"]
+ALL_KINDS = [*LORA_KINDS, "soft_prompt", "soft_prompt_suffix", "full_unet", "full_text"]
+EXPORTABLE = [*LORA_KINDS, "soft_prompt", "soft_prompt_suffix"]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,10 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def cfg(kind: str) -> AdaptorConfig:
-    return AdaptorConfig(kind=kind, rank=4, alpha=8.0, soft_tokens=3, ema_decay=0.9)
+    """``soft_prompt_suffix``: a soft prompt placed after the prompt's last token instead of after BOS."""
+    position = "suffix" if kind == "soft_prompt_suffix" else "prefix"
+    return AdaptorConfig(kind=kind.removesuffix("_suffix"), rank=4, alpha=8.0, soft_tokens=3, ema_decay=0.9,
+                         soft_position=position)
 
 
 def sample(comp: Components, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
@@ -134,7 +137,8 @@ def test_export_loads_in_stock_diffusers_and_reproduces_our_images(model_dir: Pa
     out = tmp_path / "adaptor"
     ad.export(str(out), {"attributes": ["gender"], "target": {"gender": [0.5, 0.5]}, "step": 2}, use_ema=False)
     meta = json.loads((out / "fairdiff_adaptor.json").read_text())
-    assert meta["kind"] == kind and meta["step"] == 2 and meta["alpha"] == 8.0 and meta["ema"] is False
+    assert meta["kind"] == kind.removesuffix("_suffix") and meta["step"] == 2 and meta["alpha"] == 8.0
+    assert meta["ema"] is False
     assert meta["base_model"] == str(model_dir)
 
     ours = generate_images(str(model_dir), PROMPT, SEEDS, adaptor=str(out), steps=STEPS, guidance=7.5,
@@ -150,6 +154,11 @@ def test_export_loads_in_stock_diffusers_and_reproduces_our_images(model_dir: Pa
     if kind == "soft_prompt":
         pipe.load_textual_inversion(str(out), token=TOKEN)
         prompt = f"{TOKEN} {PROMPT}"
+        assert meta["usage"].endswith(f'prompt = "{TOKEN} " + prompt')
+    elif kind == "soft_prompt_suffix":
+        pipe.load_textual_inversion(str(out), token=TOKEN)
+        prompt = f"{PROMPT} {TOKEN}"
+        assert meta["usage"].endswith(f'prompt = prompt + " {TOKEN}"')
     else:
         pipe.load_lora_weights(str(out))
     ref = pipe([prompt] * len(SEEDS), latents=noise_from_seeds(SEEDS, comp.latent_shape()), num_inference_steps=STEPS,

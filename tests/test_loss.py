@@ -171,6 +171,21 @@ def test_images_without_a_face_get_no_targets(nets, photos) -> None:
     assert m["face_found"] == 0.0 and m["confident_gender"] == 0.0 and float(value) == 0.0
 
 
+def test_lost_face_weight_scales_the_image_term_of_a_lost_face_only(nets, photos) -> None:
+    """An image whose face the detector no longer finds (the original has one) gets lost_face_weight x L_img."""
+    ref, gen = photos
+    blank = torch.zeros_like(gen)
+    no = {"gender": torch.tensor([-1])}
+    _, m1, g1, _ = _grad(_make(nets, _cfg()), blank, ref, no)
+    _, m4, g4, _ = _grad(_make(nets, _cfg(lost_face_weight=4.0)), blank, ref, no)
+    assert m1["lost_faces"] == m4["lost_faces"] == 1.0 and m1["img_weight"] == 1.0 and m4["img_weight"] == 4.0
+    assert m4["loss_img"] == pytest.approx(4 * m1["loss_img"], rel=1e-5)
+    torch.testing.assert_close(g4, 4 * g1, atol=1e-9, rtol=1e-4)
+    # a face still found: the weight does not apply
+    _, m_kept, _, _ = _grad(_make(nets, _cfg(lost_face_weight=4.0)), gen, ref, no)
+    assert m_kept["lost_faces"] == 0.0 and m_kept["img_weight"] == 1.0
+
+
 def test_build_loss_from_config(nets, tmp_path) -> None:
     d = nets["dirs"]
     cfg = FairDiffConfig(faces={"detector": "dlib"}, classifier={"kind": "dlib"},

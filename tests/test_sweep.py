@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "configs" / "sweep_synthetic.yaml"
-# 4 SGD steps of 4 images x 4 sampling steps; validation on 2 held-out prompts after steps 2 and 4
+# 4 SGD steps of 4 images x 4 sampling steps; validation on 2 held-out prompts before step 1 and after steps 2 and 4
 TINY = ["train.steps=4", "train.checkpoint_every=2", "train.validate_every=2", "train.val_prompts=2",
         "train.images_per_prompt=4", "train.chunk_size=4", "sampler.steps=4", "ray.cpus_per_worker=1",
         "ray.num_workers=1"]
@@ -71,6 +71,8 @@ def test_table_has_every_trial_config_and_final_metrics(sweep):
         run = Path(r["adaptor"]).parent
         assert json.loads((run / "finished.json").read_text())["steps"] == 4
         assert (run / "checkpoint_00000004" / "config.yaml").is_file()
+    # the first validation runs before the first step: every trial starts from the same base model (LoRA B = 0)
+    assert df["first/age/old"].nunique() == 1
     md = (out / "trials.md").read_text()
     assert md.count("\n| trial_") == 4 and "cfg:target.age.probs" in md and "freq/age/old" in md
 

@@ -78,18 +78,19 @@ def build_trainer(cfg: FairDiffConfig, callbacks: list | None = None, run_config
     }
     run_kwargs.update(run_config_overrides or {})
     resources = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if cfg.ray.use_gpu else {})}
-    return TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "builders": builders, "run_dir": str(run_dir(cfg))},
-        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(**run_kwargs),
-        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo",
-                                 timeout_s=int(cfg.ray.worker_start_timeout_s)),
-        datasets=_datasets(cfg),
-        # every worker reads the whole, identical stream (METHOD.md 5: all workers on the same prompts)
-        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
-    )
+    with _no_data_progress_bars():  # the datasets (and the trainer) capture the Ray Data context here
+        return TorchTrainer(
+            train_loop,
+            train_loop_config={"cfg": cfg.to_dict(), "builders": builders, "run_dir": str(run_dir(cfg))},
+            scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(**run_kwargs),
+            torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo",
+                                     timeout_s=int(cfg.ray.worker_start_timeout_s)),
+            datasets=_datasets(cfg),
+            # every worker reads the whole, identical stream (METHOD.md 5: all workers on the same prompts)
+            dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+        )
 
 
 def export_result(cfg: FairDiffConfig, result: Any) -> Path:
@@ -238,8 +239,7 @@ def run_debias(cfg: FairDiffConfig, builders: Any = None) -> Path:
         print(note, flush=True)
     previous = _set_aside_finished(cfg) if mode == "overwrite" else None
     try:
-        with _no_data_progress_bars():
-            trainer = build_trainer(cfg, builders=builders)
+        trainer = build_trainer(cfg, builders=builders)
         result = _fit(trainer, cfg)
         out = export_result(cfg, result)
     except BaseException:  # KeyboardInterrupt too: the previous finished run must come back

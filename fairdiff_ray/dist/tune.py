@@ -269,8 +269,9 @@ def _check_same_sweep(spec: SweepSpec, sweep_dir: Path) -> None:
 
 
 def collect_rows(spec: SweepSpec, grid: Any, sweep_dir: Path) -> list[dict[str, Any]]:
-    """One row per trial: swept values (cfg:<path>), adaptor kind and rank, requested shares of non-uniform
-    targets (want/<attr>/<class>), shares at the first validation (first/...) and the final metrics."""
+    """One row per trial: swept values (cfg:<path>), adaptor kind and rank, requested shares of every target
+    attribute (want/<attr>/<class>, uniform ones too: a sweep may request 0.5 against a base model's 0.17),
+    shares at the first validation (first/..., before the first step) and the final metrics."""
     from fairdiff_ray.dist.metrics import read_metrics
 
     rows: list[dict[str, Any]] = []
@@ -286,9 +287,7 @@ def collect_rows(spec: SweepSpec, grid: Any, sweep_dir: Path) -> list[dict[str, 
         row.update({"kind": cfg.adaptor.kind, "rank": cfg.adaptor.rank})
         target = cfg.target_distribution()
         for attr, classes in target.attributes.items():
-            probs = target.marginal(attr).tolist()
-            if max(probs) - min(probs) > 1e-9:
-                row.update({f"want/{attr}/{c}": float(p) for c, p in zip(classes, probs)})
+            row.update({f"want/{attr}/{c}": float(p) for c, p in zip(classes, target.marginal(attr).tolist())})
         first = next((m for m in read_metrics(run) if any(k.startswith("freq/") for k in m)), {})
         row.update({f"first/{k.removeprefix('freq/')}": v for k, v in first.items() if k.startswith("freq/")})
         for k, v in reweigh(r.metrics or {}, spec.semantic_weight).items():

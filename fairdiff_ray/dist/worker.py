@@ -467,6 +467,8 @@ def train_loop(config: dict[str, Any]) -> None:
     # damaged checkpoints skipped on resume, carried into every later checkpoint and finished.json
     recovered = [*state.get("recovered", []), *({"damaged": n, "problem": r, "resumed_from": restored.name}
                                                  for n, r in restored.damaged)]
+    if cfg.train.validate_every and start == 0:
+        last_val = w.validate(val_prompts)  # the model before training: where the shares start from
     t_start = time.perf_counter()
     for step in range(start, cfg.train.steps):
         if builders.fault is not None:

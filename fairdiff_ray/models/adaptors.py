@@ -5,7 +5,8 @@ Kinds (AdaptorConfig.kind):
                   the "" prompt of classifier-free guidance goes through it too.
 - ``unet_lora``   LoRA on the UNet attention projections to_q, to_k, to_v, to_out.0 (``unet_targets``).
 - ``both``        the two together.
-- ``soft_prompt`` ``soft_tokens`` embeddings placed right after BOS of every conditional prompt; only they
+- ``soft_prompt`` ``soft_tokens`` embeddings placed right after BOS of every conditional prompt
+                  (``soft_position`` prefix, METHOD.md) or right after its last token (suffix); only they
                   train. Initialised from the embedding of a word ("person") plus small seeded noise.
 - ``full_unet`` / ``full_text``  the whole module trains (meant for DeepSpeed ZeRO stage <= 2: disabled()
                   swaps a CPU copy of the base weights in, which needs whole parameters on every rank).
@@ -17,7 +18,8 @@ Export (``Adaptor.export``) writes files stock diffusers loads with no fairdiff 
     pipe = StableDiffusionPipeline.from_pretrained(BASE_MODEL_DIR)
     pipe.load_lora_weights(ADAPTOR_DIR)                         # text_lora, unet_lora, both
     pipe.load_textual_inversion(ADAPTOR_DIR, token="<fairdiff>")  # soft_prompt ...
-    image = pipe("<fairdiff> " + prompt).images[0]              # ... the token goes FIRST in the prompt
+    image = pipe("<fairdiff> " + prompt).images[0]              # ... FIRST in the prompt (prefix) or
+    image = pipe(prompt + " <fairdiff>").images[0]              # ... LAST (soft_position: suffix)
     pipe.unet = UNet2DConditionModel.from_pretrained(ADAPTOR_DIR, subfolder="unet")  # full_unet
     pipe.text_encoder = CLIPTextModel.from_pretrained(ADAPTOR_DIR, subfolder="text_encoder")  # full_text
 
@@ -26,7 +28,8 @@ Export (``Adaptor.export``) writes files stock diffusers loads with no fairdiff 
   alpha is honoured).
 - Soft prompt: ``learned_embeds.safetensors`` = {"<fairdiff>": (soft_tokens, D)}, a multi-vector textual
   inversion: diffusers expands "<fairdiff>" to soft_tokens tokens, so "<fairdiff> " + prompt puts them right
-  after BOS, exactly where fairdiff puts its soft tokens. Uncond ("") prompts carry no token.
+  after BOS (prompt + " <fairdiff>" right before EOS), exactly where fairdiff puts its soft tokens. Uncond ("")
+  prompts carry no token.
 - ``fairdiff_adaptor.json``: kind, rank / alpha / targets, base model, the caller's metadata (attributes,
   target, config, step), ema flag and the usage lines above; ``load_adaptor`` reads it back.
 """
@@ -58,6 +61,7 @@ KINDS = ("text_lora", "unet_lora", "both", "soft_prompt", "full_unet", "full_tex
 _USAGE = {
     "lora": "pipe.load_lora_weights(ADAPTOR_DIR)",
     "soft_prompt": f'pipe.load_textual_inversion(ADAPTOR_DIR, token="{TOKEN}"); prompt = "{TOKEN} " + prompt',
+    "soft_prompt_suffix": f'pipe.load_textual_inversion(ADAPTOR_DIR, token="{TOKEN}"); prompt = prompt + " {TOKEN}"',
     "full_unet": 'pipe.unet = UNet2DConditionModel.from_pretrained(ADAPTOR_DIR, subfolder="unet")',
     "full_text": 'pipe.text_encoder = CLIPTextModel.from_pretrained(ADAPTOR_DIR, subfolder="text_encoder")',
 }
@@ -152,12 +156,17 @@ class Adaptor:
             return encode_prompts(self.comp.tokenizer, self.comp.text_encoder, prompts)
         n, tok = self.soft.shape[0], self.comp.tokenizer
         ids = tokenize(tok, prompts, tok.model_max_length - n)  # as the stock pipeline truncates "<fairdiff> " + p
-        ids = torch.cat([ids[:, :1], torch.full((ids.shape[0], n), tok.bos_token_id, dtype=ids.dtype), ids[:, 1:]], 1)
+        if self.cfg.soft_position == "prefix":
+            at = [1] * ids.shape[0]
+        else:  # before the first EOS (CLIP pads with EOS; a truncated prompt ends with one too)
+            at = [int((row == tok.eos_token_id).nonzero()[0]) for row in ids]
+        filler = torch.full((n,), tok.bos_token_id, dtype=ids.dtype)  # replaced by the soft rows in splice
+        ids = torch.stack([torch.cat([row[:a], filler, row[a:]]) for row, a in zip(ids, at)])
         soft = self.soft
 
         def splice(_module: torch.nn.Module, _inputs: Any, out: Tensor) -> Tensor:
-            rows = soft.to(out.dtype).unsqueeze(0).expand(out.shape[0], -1, -1)
-            return torch.cat([out[:, :1], rows, out[:, 1 + n:]], dim=1)
+            rows = soft.to(out.dtype)
+            return torch.stack([torch.cat([o[:a], rows, o[a + n:]]) for o, a in zip(out, at)])
 
         handle = self.comp.text_encoder.get_input_embeddings().register_forward_hook(splice)
         try:
@@ -268,7 +277,8 @@ class Adaptor:
         with atomic_dir(out_dir, overwrite=overwrite) as tmp:
             with self.ema_applied() if use_ema else contextlib.nullcontext():
                 files = self._write(tmp)
-            usage = _USAGE["lora" if "lora" in files else self.kind]
+            usage = _USAGE["lora" if "lora" in files else self.kind + (
+                "_suffix" if self.kind == "soft_prompt" and self.cfg.soft_position == "suffix" else "")]
             meta = {
                 "base_model": self.comp.path, **metadata,
                 "format": "fairdiff-adaptor/1", "kind": self.kind, "rank": self.cfg.rank, "alpha": self.alpha,

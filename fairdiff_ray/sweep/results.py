@@ -1,8 +1,9 @@
 """Sweep results: one table row per trial (config values + final metrics), plots, and the best trial.
 
 Columns: `trial`, `status` (OK: trained and exported; STOPPED: stopped early by ASHA; ERROR), one column per swept
-config path (`cfg:<path>`), the trial's adaptor `kind` and `rank`, the requested shares of its non-uniform targets
-(`want/<attr>/<class>`), the shares at its first validation (`first/<attr>/<class>`) and its last reported metrics
+config path (`cfg:<path>`), the trial's adaptor `kind` and `rank`, the requested shares of its targets
+(`want/<attr>/<class>`), the shares at its first validation, before the first step (`first/<attr>/<class>`), and
+its last reported metrics
 (`objective`, `distance`, `drift`, `bias/<attr>`, `freq/<attr>/<class>`, `loss/...`).
 """
 
@@ -54,7 +55,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def write_plots(df: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """bias_vs_rank.png, pareto.png and (for non-uniform targets) shares.png; returns the files written."""
+    """bias_vs_rank.png, pareto.png and shares.png (requested vs achieved); returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,13 +95,13 @@ def write_plots(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     if rows:
         fig, ax = plt.subplots(figsize=(4.5, 4.5))
         for trial, key, want, got, first in rows:
-            if _is_num(first):  # where the trial's first validation was, to where it ended
+            if _is_num(first):  # from the shares before training to where the trial ended
                 ax.annotate("", (want, got), (want, first), arrowprops={"arrowstyle": "->", "color": "#bbb"})
             ax.scatter([want], [got], c="#c33", s=14)
             ax.annotate(f"{key} {trial[-5:]}", (want, got), fontsize=5)
         ax.plot([0, 1], [0, 1], "--", c="#888")
         ax.set_xlabel("requested share")
-        ax.set_ylabel("achieved share (arrow: from the first validation)")
+        ax.set_ylabel("achieved share (arrow: from before training)")
         written.append(_save(fig, out_dir / "shares.png"))
     return written
 

@@ -228,6 +228,8 @@ class FairnessLoss:
 
     def _image_term(self, images, scored, ref, tg, ref_labels, normalizer) -> tuple[Tensor, dict[str, float]]:
         w = mismatch_weights(tg, ref_labels, self.cfg.loss.mismatch_weight)
+        lost = ref["faces"].found.to(images.device) & ~scored.faces.found.to(images.device)
+        w = torch.where(lost, w * self.cfg.loss.lost_face_weight, w)
         s = mismatch_weights(tg, ref_labels, self.cfg.loss.face_region_scale)
         h, wd = images.shape[-2:]
         x = scale_grad_in_boxes(images, self.face_regions(scored.faces, ref["faces"], h, wd), s)
@@ -240,6 +242,7 @@ class FairnessLoss:
             "loss_img": float(loss.detach()),
             "img_distance": float(dist.detach().mean()),
             "img_weight": float(w.mean()),
+            "lost_faces": float(lost.float().mean()),
         }
 
     def _face_term(self, images, scored, ref, tg, ref_labels, normalizer) -> tuple[Tensor, dict[str, float]]:
