@@ -103,6 +103,11 @@ class LossConfig(_Section):
     # (1 = METHOD.md). Such images get no alignment target, so drifting into a blurred, undetected face escapes
     # the CE; a larger weight pulls them back to the original.
     lost_face_weight: float = Field(1.0, ge=0)
+    # lambda_presence * -log P(face) from the detector's differentiable face score, on images whose original has a
+    # face (0 = METHOD.md). A stand-in for L_face's realism pull where there is no face-recognition net (the
+    # synthetic world): blurring a face until it is no longer detected escapes the CE. Needs a detector with
+    # ``presence_logit`` (faces.detector: synthetic).
+    lambda_presence: float = Field(0.0, ge=0)
 
 
 class FeaturesConfig(_Section):

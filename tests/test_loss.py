@@ -239,3 +239,39 @@ def test_full_loss_on_the_synthetic_world() -> None:
     assert m["active_img"] == 1.0 and m["loss_img"] > 0 and 0.6 <= m["face_found"] <= 0.75
     assert m["confident_gender"] == pytest.approx(m["face_found"])  # rows without a face lose their target
     assert torch.isfinite(images.grad).all() and images.grad[6:].abs().sum() > 0  # L_img reaches faceless rows
+
+
+def test_presence_term_pulls_a_lost_face_back_and_needs_a_differentiable_detector(nets) -> None:
+    """lambda_presence: -log P(face) from the synthetic detector on images whose original has a face."""
+    world = pytest.importorskip("fairdiff_ray.synthetic.world")
+    if not (world.DEFAULT_DIR / "detector.safetensors").is_file():
+        pytest.skip("the synthetic world's shipped nets are not built yet")
+    from fairdiff_ray.synthetic.render import render
+
+    n = 4
+    zeros = torch.zeros(n, dtype=torch.long).numpy()
+    ref = render(zeros, zeros, zeros, zeros, seed=5, face=torch.arange(n).numpy() < 2)["images"]  # faces in rows 0-1
+    gen = render(zeros, zeros, zeros, zeros, seed=5, face=torch.zeros(n, dtype=torch.bool).numpy())["images"]
+    no = {"gender": torch.full((n,), -1)}
+
+    def run(lam: float):
+        fn = build_loss(FairDiffConfig(loss={"lambda_presence": lam, "lambda_img": 0.0}))
+        images = gen.clone().requires_grad_()
+        value, m = fn(images, fn.score(images), fn.reference(ref), no, normalizer=n)
+        value.backward()
+        return value.detach(), m, images.grad
+
+    v0, m0, g0 = run(0.0)
+    assert float(v0) == 0.0 and "loss_presence" not in m0 and g0.abs().sum() == 0
+    v2, m2, g2 = run(2.0)
+    assert m2["face_found"] == 0.0 and m2["loss_presence"] > 0.69 / 2  # two lost faces, P(face) < 0.5 each
+    torch.testing.assert_close(v2, torch.tensor(2.0 * m2["loss_presence"]))
+    assert g2[:2].abs().sum() > 0 and g2[2:].abs().sum() == 0  # only where the original had a face
+    # a step along -grad makes the detector more sure there is a face
+    det = build_loss(FairDiffConfig()).detector
+    with torch.no_grad():
+        before = det.presence_logit(gen[:2])
+        after = det.presence_logit((gen[:2] - 0.05 * g2[:2] / g2[:2].abs().max()).clamp(-1, 1))
+    assert (after > before).all()
+    with pytest.raises(ConfigError, match="lambda_presence"):
+        FairnessLoss(FairDiffConfig(loss={"lambda_presence": 1.0}), nets["detector"], nets["classifier"], {})

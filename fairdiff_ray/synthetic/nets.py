@@ -138,6 +138,10 @@ class SyntheticDetector(_Wrapped):
         boxes = torch.cat([boxes[:, :2], torch.maximum(boxes[:, 2:], boxes[:, :2])], dim=1)
         return torch.sigmoid(out["score"][:, 0]), boxes, out["landmarks"].view(-1, 5, 2) * scale
 
+    def presence_logit(self, images: torch.Tensor) -> torch.Tensor:
+        """images: (B, 3, H, W) in [-1, 1] -> (B,) face-presence logit, differentiable in the pixels."""
+        return self._run(images)["score"][:, 0]
+
     @torch.no_grad()
     def detect(self, images: torch.Tensor) -> Faces:
         """images: (B, 3, H, W) in [-1, 1] -> Faces (on the images' device)."""

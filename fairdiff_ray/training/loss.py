@@ -8,7 +8,8 @@ Notation (METHOD.md):
 - N: the step's global image count (``normalizer``), so summing the workers' losses gives the paper's mean.
 
 Per image:  CE-sum over attributes  +  lambda_img * w_i * sum_nets (1 - cos(F(x_i), F(o_i)))
-            +  lambda_face * (1 - cos(e(x_i), t_i)).
+            +  lambda_face * (1 - cos(e(x_i), t_i))  [+ lambda_presence * -log P(face in x_i), an option:
+            on images whose original has a face, from a detector with a differentiable score].
 Every part is optional: L_img is active when feature nets are configured (and lambda_img > 0), L_face when a
 face embedder is (and lambda_face > 0). Gradients reach the images only through the active parts.
 
@@ -136,6 +137,13 @@ class FairnessLoss:
             raise ValueError(f"face_bank must be (M >= 1, D), got {tuple(face_bank.shape)}")
         self.use_img = bool(self.features) and cfg.loss.lambda_img > 0
         self.use_face = face_embedder is not None and cfg.loss.lambda_face > 0
+        self.use_presence = cfg.loss.lambda_presence > 0
+        if self.use_presence and not callable(getattr(detector, "presence_logit", None)):
+            raise ConfigError(
+                f"loss.lambda_presence={cfg.loss.lambda_presence} needs a detector with a differentiable face "
+                f"score, which faces.detector={cfg.faces.detector} has not: use faces.detector=synthetic or set "
+                "loss.lambda_presence=0"
+            )
 
     def to(self, device: str | torch.device) -> FairnessLoss:
         """Move the torch modules (a torch detector too; dlib / InsightFace run on CPU copies) and the bank."""
@@ -218,6 +226,13 @@ class FairnessLoss:
             l_img, m = self._image_term(images, scored, ref, tg, ref_labels, normalizer)
             total = total + self.cfg.loss.lambda_img * l_img
             metrics.update(m)
+        # (4) option: keep the face detectable where the original has one
+        if self.use_presence:
+            ref_found = ref["faces"].found.to(dev).to(images.dtype)
+            logit = _call(self.detector.presence_logit, images, self.checkpoint).float()
+            l_pres = (ref_found * torch.nn.functional.softplus(-logit)).sum() / normalizer
+            total = total + self.cfg.loss.lambda_presence * l_pres
+            metrics["loss_presence"] = float(l_pres.detach())
         # (3) L_face: identity / realism of the generated face
         if self.use_face:
             l_face, m = self._face_term(images, scored, ref, tg, ref_labels, normalizer)
