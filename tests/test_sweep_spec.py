@@ -92,6 +92,11 @@ def test_reweighed_objective_and_asha_clock() -> None:
     m = {"step": 9, "distance": 0.25, "drift": 0.5, "objective": 0.75, "loss/total": 1.0}
     assert reweigh(m, 2.0) == {**m, "steps_done": 10, "objective": 1.25}
     assert reweigh({"step": 0, "objective": 0.3}, 2.0) == {"step": 0, "steps_done": 1, "objective": 0.3}
+    # relative distance: divided by the distance before training (floored at 0.01)
+    assert reweigh({**m, "distance_start": 0.5}, 2.0, relative=True)["objective"] == pytest.approx(0.25 / 0.5 + 1.0)
+    assert reweigh({**m, "distance_start": 0.0}, 2.0, relative=True)["objective"] == pytest.approx(25.0 + 1.0)
+    with pytest.raises(ValueError, match="distance_start"):
+        reweigh(m, 2.0, relative=True)
     assert m["objective"] == 0.75  # a copy
 
 

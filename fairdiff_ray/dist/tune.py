@@ -78,24 +78,34 @@ def trial_name(trial: Any) -> str:
 
 
 class ObjectiveReport(TuneReportCallback):
-    """TuneReportCallback that re-weights the objective as distance + weight x drift (sweep.semantic_weight)."""
+    """TuneReportCallback that re-weights the objective as distance + weight x drift (sweep.semantic_weight),
+    the distance relative to the one before training with ``relative`` (sweep.distance)."""
 
-    def __init__(self, weight: float):
+    def __init__(self, weight: float, relative: bool = False):
         super().__init__()
-        self.weight = weight
+        self.weight, self.relative = weight, relative
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        super().after_report(run_context, [reweigh(metrics[0], self.weight), *metrics[1:]], checkpoint)
+        super().after_report(run_context, [reweigh(metrics[0], self.weight, self.relative), *metrics[1:]],
+                             checkpoint)
 
 
-def reweigh(metrics: dict[str, Any], weight: float) -> dict[str, Any]:
+def reweigh(metrics: dict[str, Any], weight: float, relative: bool = False) -> dict[str, Any]:
     """A copy of a worker report with ``steps_done`` (ASHA's clock: survives a resumed run, unlike Tune's
-    training_iteration) and, once validated, objective = distance + weight x drift."""
+    training_iteration) and, once validated, objective = distance + weight x drift; with ``relative`` the
+    distance is divided by ``distance_start`` (the validation before the first step; floored at 0.01 so a
+    trial that starts on its target does not divide by ~0)."""
     m = dict(metrics)
     if "step" in m:
         m["steps_done"] = int(m["step"]) + 1
     if m.get("distance") is not None and m.get("drift") is not None:
-        m["objective"] = validation_objective(m["distance"], m["drift"], weight)
+        d = m["distance"]
+        if relative:
+            if m.get("distance_start") is None:
+                raise ValueError("sweep.distance is relative but the report has no distance_start (the validation "
+                                 "before the first step)")
+            d = d / max(float(m["distance_start"]), 0.01)
+        m["objective"] = validation_objective(d, m["drift"], weight)
     return m
 
 
@@ -141,10 +151,10 @@ def _trial_fn(config: dict[str, Any]) -> None:
     spec = SweepSpec.model_validate_json(config["__spec"])
     cfg = trial_config(spec, config, tune.get_context().get_trial_name(), Path(config["__sweep_dir"]))
     if finalize_run(run_dir(cfg), cfg.train.steps):
-        tune.report(reweigh(read_metrics(run_dir(cfg))[-1], spec.semantic_weight))
+        tune.report(reweigh(read_metrics(run_dir(cfg))[-1], spec.semantic_weight, spec.distance == "relative"))
         return
     os.environ.setdefault(WORKER_GROUP_START_TIMEOUT_ENV, str(cfg.ray.worker_start_timeout_s))
-    trainer = build_trainer(cfg, callbacks=[ObjectiveReport(spec.semantic_weight)])
+    trainer = build_trainer(cfg, callbacks=[ObjectiveReport(spec.semantic_weight, spec.distance == "relative")])
     export_result(cfg, trainer.fit())
 
 
@@ -290,8 +300,9 @@ def collect_rows(spec: SweepSpec, grid: Any, sweep_dir: Path) -> list[dict[str, 
             row.update({f"want/{attr}/{c}": float(p) for c, p in zip(classes, target.marginal(attr).tolist())})
         first = next((m for m in read_metrics(run) if any(k.startswith("freq/") for k in m)), {})
         row.update({f"first/{k.removeprefix('freq/')}": v for k, v in first.items() if k.startswith("freq/")})
-        for k, v in reweigh(r.metrics or {}, spec.semantic_weight).items():
-            if k in ("objective", "distance", "drift", "steps_done") or k.startswith(("bias/", "freq/", "loss/")):
+        for k, v in reweigh(r.metrics or {}, spec.semantic_weight, spec.distance == "relative").items():
+            if k in ("objective", "distance", "distance_start", "drift", "steps_done") or k.startswith(
+                    ("bias/", "freq/", "loss/")):
                 row[k] = v
         row["adaptor"] = str(run / "adaptor")
         rows.append(row)

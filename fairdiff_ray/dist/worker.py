@@ -469,6 +469,7 @@ def train_loop(config: dict[str, Any]) -> None:
                                                  for n, r in restored.damaged)]
     if cfg.train.validate_every and start == 0:
         last_val = w.validate(val_prompts)  # the model before training: where the shares start from
+        last_val["distance_start"] = last_val["distance"]  # kept in every later report (sweep.distance relative)
     t_start = time.perf_counter()
     for step in range(start, cfg.train.steps):
         if builders.fault is not None:
@@ -477,7 +478,8 @@ def train_loop(config: dict[str, Any]) -> None:
         out = w.train_step([r["prompt"] for r in batch], step)
         done = step + 1
         if _validation_due(cfg, done):
-            last_val = w.validate(val_prompts)
+            start_d = {k: v for k, v in last_val.items() if k == "distance_start"}
+            last_val = {**w.validate(val_prompts), **start_d}
         metrics: dict[str, Any] = {"step": step, **out.metrics, **last_val}
         metrics.setdefault("objective", metrics["train/distance"])  # until the first validation
         if writer is not None:

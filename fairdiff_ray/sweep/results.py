@@ -31,7 +31,8 @@ def write_table(rows: list[dict[str, Any]], out_dir: Path) -> pd.DataFrame:
     tmp = out_dir / ".trials.parquet.tmp"
     df.assign(**{c: df[c].map(json.dumps) for c in df.columns if df[c].map(lambda v: isinstance(v, (list, dict))).any()}).to_parquet(tmp)
     tmp.replace(out_dir / "trials.parquet")
-    keep = [c for c in df.columns if c in ("trial", "status", "kind", "rank", "objective", "distance", "drift")
+    keep = [c for c in df.columns if c in ("trial", "status", "kind", "rank", "objective", "distance",
+                                           "distance_start", "drift")
             or c.startswith(("cfg:", "bias/", "want/", "first/", "freq/"))]
     atomic_write_text(out_dir / "trials.md", to_markdown(df[keep]))
     return df

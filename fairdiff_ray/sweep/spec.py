@@ -17,7 +17,8 @@ sweep:
 ```
 
 Trials are ranked (and ASHA stops them) on the objective of the workers' periodic validation, distance to the
-target + ``semantic_weight`` x semantic drift (see dist/tune.py), so ``train.validate_every`` must be set.
+target (``distance: relative``: divided by the trial's distance before training, for sweeps over target
+distributions) + ``semantic_weight`` x semantic drift (see dist/tune.py), so ``train.validate_every`` must be set.
 Every value of the space is checked against the run config before anything starts, so a misspelt path or a
 value of the wrong type fails at once with the key named.
 """
@@ -93,6 +94,10 @@ class SweepSpec(_S):
     num_samples: int = Field(1, gt=0)
     max_concurrent_trials: int | None = Field(None, gt=0)  # None: as many as the cluster's CPUs/GPUs allow
     semantic_weight: float = Field(1.0, ge=0)  # objective = distance to target + semantic_weight * drift
+    # absolute: the distance as measured; relative: divided by the trial's distance before training, so trials
+    # asking for different target distributions are ranked (and cut by ASHA) on progress, not on how far their
+    # target happens to be from the base model
+    distance: Literal["absolute", "relative"] = "absolute"
     asha: AshaSpec | None = None
     space: dict[str, Domain]
     seed: int = 0
