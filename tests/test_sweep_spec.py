@@ -155,11 +155,13 @@ def test_asha_stops_on_steps_done_and_never_at_the_final_report() -> None:
     good, bad = Trial(0), Trial(1)
     for t in (good, bad):
         asha.on_trial_add(None, t)
-    result = {"steps_done": 20, "objective": 0.2}
+    g = spec.asha.grace_period
+    assert g < base.train.steps
+    result = {"steps_done": g, "objective": 0.2}
     assert asha.on_trial_result(None, good, result) == TrialScheduler.CONTINUE
-    assert asha.on_trial_result(None, bad, {**result, "objective": 0.9}) == TrialScheduler.STOP  # cut at rung 20
+    assert asha.on_trial_result(None, bad, {**result, "objective": 0.9}) == TrialScheduler.STOP  # cut at rung g
     final = {"steps_done": base.train.steps, "objective": 0.2}
-    assert asha.on_trial_result(None, good, {"steps_done": 40, "objective": 0.2}) == TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, good, {"steps_done": g + 1, "objective": 0.2}) == TrialScheduler.CONTINUE
     assert asha.on_trial_result(None, good, final) == TrialScheduler.CONTINUE  # left to finish and export
     assert asha_scheduler(load_sweep(ROOT / "configs/sweep_synthetic.yaml", ["asha=null"]), base) is None
 
