@@ -130,7 +130,7 @@ class TrainConfig(_Section):
     schedule: Literal["fused", "reference"] = "fused"
     checkpoint_every: int = Field(100, gt=0)
     num_to_keep: int = Field(2, gt=0)
-    validate_every: int = Field(0, ge=0)  # 0 = no periodic validation
+    validate_every: int = Field(0, ge=0)  # 0 = no periodic validation; else also one before the first step
     val_prompts: int = Field(4, gt=0)  # periodic validation: the first this-many 'val' prompts of the mix
     log_every: int = Field(1, gt=0)
     max_grad_norm: float | None = None

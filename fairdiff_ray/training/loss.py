@@ -226,6 +226,11 @@ class FairnessLoss:
             l_img, m = self._image_term(images, scored, ref, tg, ref_labels, normalizer)
             total = total + self.cfg.loss.lambda_img * l_img
             metrics.update(m)
+        # (3) L_face: identity / realism of the generated face
+        if self.use_face:
+            l_face, m = self._face_term(images, scored, ref, tg, ref_labels, normalizer)
+            total = total + self.cfg.loss.lambda_face * l_face
+            metrics.update(m)
         # (4) option: keep the face detectable where the original has one
         if self.use_presence:
             ref_found = ref["faces"].found.to(dev).to(images.dtype)
@@ -233,11 +238,6 @@ class FairnessLoss:
             l_pres = (ref_found * torch.nn.functional.softplus(-logit)).sum() / normalizer
             total = total + self.cfg.loss.lambda_presence * l_pres
             metrics["loss_presence"] = float(l_pres.detach())
-        # (3) L_face: identity / realism of the generated face
-        if self.use_face:
-            l_face, m = self._face_term(images, scored, ref, tg, ref_labels, normalizer)
-            total = total + self.cfg.loss.lambda_face * l_face
-            metrics.update(m)
         metrics["loss"] = float(total.detach())
         return total, metrics
 
