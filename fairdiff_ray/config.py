@@ -92,6 +92,9 @@ class LossConfig(_Section):
     # images that should change class sit near the OT boundary, where a high C drops them
     thresholds: dict[str, float] = {}
     ot_method: Literal["auto", "closed_form", "exact", "monte_carlo"] = "auto"
+    # attributes of an independent target whose OT targets are computed on their own marginal, the others
+    # jointly (METHOD.md: all jointly); core/ot.expected_targets_separated says when that matters (age with G x R)
+    ot_separate: list[str] = []
     num_draws: int = Field(200, gt=0)
     age_asymmetric_cost: bool = False
     lambda_img: float = Field(8.0, ge=0)
@@ -214,6 +217,13 @@ class FairDiffConfig(_Section):
 
     @model_validator(mode="after")
     def _invariants(self) -> FairDiffConfig:
+        for a in self.loss.ot_separate:
+            if "joint" in self.target:
+                raise ValueError("loss.ot_separate needs independent target attributes, not target.joint: "
+                                 "leave it empty")
+            if a not in self.target:
+                raise ValueError(f"loss.ot_separate names {a!r}, which is not a target attribute "
+                                 f"({', '.join(self.target)})")
         for a, c in self.loss.thresholds.items():
             if a not in self.target:
                 raise ValueError(f"loss.thresholds names {a!r}, which is not a target attribute ({', '.join(self.target)})")

@@ -65,6 +65,7 @@ CONFIG_CASES: list[tuple[str, str | None, list[str], str]] = [
     ("threshold-above-one", None, ["loss.threshold=1.5"], r"loss.threshold"),
     ("thresholds-not-a-target", None, ["loss.thresholds.age=0.5"], r"loss.thresholds names 'age'"),
     ("thresholds-above-one", None, ["loss.thresholds.gender=1.5"], r"loss.thresholds.gender=1.5"),
+    ("ot-separate-not-a-target", None, ["loss.ot_separate=[age]"], r"loss.ot_separate names 'age'"),
     ("ema-decay-one", None, ["adaptor.ema_decay=1.0"], r"adaptor.ema_decay"),
     ("zero-stage-4", None, ["deepspeed.zero_stage=4"], r"deepspeed.zero_stage"),
     ("bad-precision", None, ["deepspeed.precision=fp8"], r"deepspeed.precision"),

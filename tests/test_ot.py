@@ -9,7 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import binom
 
-from fairdiff_ray.core.ot import _count_vectors, assign_targets, expected_targets
+from fairdiff_ray.core.ot import (
+    _count_vectors,
+    assign_targets,
+    expected_targets,
+    expected_targets_separated,
+)
 from fairdiff_ray.core.targets import TargetDistribution
 
 FEW = settings(max_examples=25, deadline=None)
@@ -309,3 +314,44 @@ def test_per_attribute_threshold_reaches_a_non_uniform_target():
     old_default = (assign_targets(q, 0.6)["age"] == 1).sum().item()
     old_age = (assign_targets(q, 0.6, {"age": 0.5})["age"] == 1).sum().item()
     assert old_default == 3 and old_age == 4
+
+
+def test_separate_age_ot_asks_young_images_to_turn_old_where_the_joint_ot_does_not():
+    """Gender x race x age (75/25), 16 confident images of which 3 old: the joint OT's 'old' mass spreads over the
+    near-tied young images and only the 3 old ones get an 'old' target; age on its own gives 4 (the top ranks of
+    p(old)) while gender x race stay one joint OT."""
+    spec = {"gender": {"classes": ["female", "male"], "probs": [0.5, 0.5]},
+            "race": {"classes": ["white", "black", "indian", "asian"], "probs": [0.25] * 4},
+            "age": {"classes": ["young", "old"], "probs": [0.75, 0.25]}}
+    t = TargetDistribution.from_spec(spec)
+    g = torch.Generator().manual_seed(1)
+    n = 16
+
+    def confident(lab: torch.Tensor, k: int) -> torch.Tensor:
+        p = torch.full((n, k), 0.02 / (k - 1))
+        p[torch.arange(n), lab] = 0.98
+        p = p + 0.01 * torch.rand(n, k, generator=g)  # no exact ties
+        return p / p.sum(1, keepdim=True)
+
+    old = (torch.arange(n) < 3).long()
+    probs = {"gender": confident(torch.randint(0, 2, (n,), generator=g), 2),
+             "race": confident(torch.randint(0, 4, (n,), generator=g), 4), "age": confident(old, 2)}
+    joint = assign_targets(expected_targets(probs, t, generator=torch.Generator().manual_seed(0)), 0.6, {"age": 0.5})
+    q = expected_targets_separated(probs, t, ["age"], generator=torch.Generator().manual_seed(0))
+    sep = assign_targets(q, 0.6, {"age": 0.5})
+    assert int((joint["age"] == 1).sum()) <= 3
+    assert int((sep["age"] == 1).sum()) == 4 and bool((sep["age"][:3] == 1).all())
+    gxr = TargetDistribution.from_spec({"gender": spec["gender"], "race": spec["race"]})
+    want = expected_targets({"gender": probs["gender"], "race": probs["race"]}, gxr,
+                            generator=torch.Generator().manual_seed(0))
+    for a in ("gender", "race"):
+        torch.testing.assert_close(q[a], want[a])
+    # nothing separate: exactly the joint OT
+    torch.testing.assert_close(expected_targets_separated(probs, t, [], generator=torch.Generator().manual_seed(0)),
+                               expected_targets(probs, t, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match="independent"):
+        expected_targets_separated({"gender": probs["gender"], "age": probs["age"]}, TargetDistribution.from_spec(
+            {"joint": {"attributes": {"gender": ["f", "m"], "age": ["y", "o"]}, "probs": [[0.4, 0.1], [0.4, 0.1]]}}),
+            ["age"])
+    with pytest.raises(ValueError, match="not in the target"):
+        expected_targets_separated(probs, t, ["hair"])

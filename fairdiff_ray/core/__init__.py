@@ -4,7 +4,7 @@ No Ray, no torch.distributed, no model loading here. Collectives are injected as
 Public API (stable names used across the project and by external checks):
 - TargetDistribution.from_spec(spec)                         targets.py
 - stable_seed(*parts), noise_from_seeds(seeds, shape)      seeding.py
-- expected_targets(probs, target, ...), assign_targets(q)    ot.py
+- expected_targets(probs, target, ...), expected_targets_separated, assign_targets(q)    ot.py
 - alignment_loss(logits, targets)                            losses.py
 - bias(labels, num_classes), joint_bias, frequencies         metrics.py
 - grad_coefficients(alphas_cumprod, alphas, timesteps)       sampler.py

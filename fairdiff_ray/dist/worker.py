@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from fairdiff_ray.config import FairDiffConfig
 from fairdiff_ray.core import metrics as cm
-from fairdiff_ray.core.ot import assign_targets, expected_targets
+from fairdiff_ray.core.ot import assign_targets, expected_targets_separated
 from fairdiff_ray.core.sampler import sample_with_grad
 from fairdiff_ray.core.seeding import noise_from_seeds, stable_seed
 from fairdiff_ray.dist.engine import TrainModules, build_engine, compute_dtype
@@ -216,8 +216,9 @@ class Worker:
             # pass 3: all-gather, the same OT targets on every rank
             g_found = all_gather_rows(torch.cat(found))
             g_probs = {a: all_gather_rows(torch.cat([p[a] for p in probs]).float().cpu()) for a in self.loss.attributes}
-            q = expected_targets(
-                g_probs, self.target, valid=g_found, method=cfg.loss.ot_method, num_draws=cfg.loss.num_draws,
+            q = expected_targets_separated(
+                g_probs, self.target, cfg.loss.ot_separate, valid=g_found, method=cfg.loss.ot_method,
+                num_draws=cfg.loss.num_draws,
                 generator=torch.Generator().manual_seed(stable_seed(cfg.run.seed, "ot", step, p_idx)),
                 age_asymmetric=cfg.loss.age_asymmetric_cost)
             y = assign_targets(q, cfg.loss.threshold, cfg.loss.thresholds)
