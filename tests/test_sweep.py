@@ -67,7 +67,7 @@ def test_table_has_every_trial_config_and_final_metrics(sweep):
         for attr, spec_a in spec.base_config([]).target.items():
             assert sum(r[f"freq/{attr}/{c}"] for c in spec_a["classes"]) == pytest.approx(1.0)
         assert 0 <= r["bias/age"] <= 1 and 0 <= r["first/age/old"] <= 1 and r["drift"] >= 0
-        d = r["distance"] / max(r["distance_start"], 0.01) if spec.distance == "relative" else r["distance"]
+        d = r["distance"] / max(r["distance_start"], 0.01) if spec.relative_distance else r["distance"]
         assert r["objective"] == pytest.approx(d + spec.semantic_weight * r["drift"])
         run = Path(r["adaptor"]).parent
         assert json.loads((run / "finished.json").read_text())["steps"] == 4

@@ -151,10 +151,10 @@ def _trial_fn(config: dict[str, Any]) -> None:
     spec = SweepSpec.model_validate_json(config["__spec"])
     cfg = trial_config(spec, config, tune.get_context().get_trial_name(), Path(config["__sweep_dir"]))
     if finalize_run(run_dir(cfg), cfg.train.steps):
-        tune.report(reweigh(read_metrics(run_dir(cfg))[-1], spec.semantic_weight, spec.distance == "relative"))
+        tune.report(reweigh(read_metrics(run_dir(cfg))[-1], spec.semantic_weight, spec.relative_distance))
         return
     os.environ.setdefault(WORKER_GROUP_START_TIMEOUT_ENV, str(cfg.ray.worker_start_timeout_s))
-    trainer = build_trainer(cfg, callbacks=[ObjectiveReport(spec.semantic_weight, spec.distance == "relative")])
+    trainer = build_trainer(cfg, callbacks=[ObjectiveReport(spec.semantic_weight, spec.relative_distance)])
     export_result(cfg, trainer.fit())
 
 
@@ -300,7 +300,7 @@ def collect_rows(spec: SweepSpec, grid: Any, sweep_dir: Path) -> list[dict[str, 
             row.update({f"want/{attr}/{c}": float(p) for c, p in zip(classes, target.marginal(attr).tolist())})
         first = next((m for m in read_metrics(run) if any(k.startswith("freq/") for k in m)), {})
         row.update({f"first/{k.removeprefix('freq/')}": v for k, v in first.items() if k.startswith("freq/")})
-        for k, v in reweigh(r.metrics or {}, spec.semantic_weight, spec.distance == "relative").items():
+        for k, v in reweigh(r.metrics or {}, spec.semantic_weight, spec.relative_distance).items():
             if k in ("objective", "distance", "distance_start", "drift", "steps_done") or k.startswith(
                     ("bias/", "freq/", "loss/")):
                 row[k] = v

@@ -479,8 +479,7 @@ def train_loop(config: dict[str, Any]) -> None:
         out = w.train_step([r["prompt"] for r in batch], step)
         done = step + 1
         if _validation_due(cfg, done):
-            start_d = {k: v for k, v in last_val.items() if k == "distance_start"}
-            last_val = {**w.validate(val_prompts), **start_d}
+            last_val = {**last_val, **w.validate(val_prompts)}  # keeps distance_start
         metrics: dict[str, Any] = {"step": step, **out.metrics, **last_val}
         metrics.setdefault("objective", metrics["train/distance"])  # until the first validation
         if writer is not None:

@@ -277,8 +277,8 @@ class Adaptor:
         with atomic_dir(out_dir, overwrite=overwrite) as tmp:
             with self.ema_applied() if use_ema else contextlib.nullcontext():
                 files = self._write(tmp)
-            usage = _USAGE["lora" if "lora" in files else self.kind + (
-                "_suffix" if self.kind == "soft_prompt" and self.cfg.soft_position == "suffix" else "")]
+            suffix = self.kind == "soft_prompt" and self.cfg.soft_position == "suffix"
+            usage = _USAGE["lora" if "lora" in files else "soft_prompt_suffix" if suffix else self.kind]
             meta = {
                 "base_model": self.comp.path, **metadata,
                 "format": "fairdiff-adaptor/1", "kind": self.kind, "rank": self.cfg.rank, "alpha": self.alpha,

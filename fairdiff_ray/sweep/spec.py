@@ -113,6 +113,10 @@ class SweepSpec(_S):
             raise ValueError("search 'optuna' does not take grid domains; use choice instead")
         return self
 
+    @property
+    def relative_distance(self) -> bool:
+        return self.distance == "relative"
+
     def base_config(self, extra: list[str] | None = None) -> FairDiffConfig:
         return load_config(self.base, [*self.overrides, *(extra or [])])
 
