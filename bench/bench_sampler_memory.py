@@ -15,7 +15,9 @@ and reports VmHWM minus its resident size just before sampling. glibc keeps free
 every configuration runs with the default allocator and with the trim threshold at 0
 (``mallopt`` in the child: trim threshold 0 and the mmap threshold fixed at glibc's initial 128 KiB, which is what
 MALLOC_TRIM_THRESHOLD_=0 gives a process from start-up: large blocks are mmapped and go back to the OS when
-freed, the heap top is trimmed, so the peak tracks live memory). CUDA: in process, torch.cuda.max_memory_allocated
+freed, the heap top is trimmed, so the peak tracks live memory), and a third measure, ``tensors``: the peak bytes
+of live tensors (fairdiff_ray.profiling.LiveTensorBytes, a dispatch mode over forward and backward), which is what
+torch.cuda.max_memory_allocated reports on a GPU: the memory the chain needs, with no allocator in it. CUDA: in process, torch.cuda.max_memory_allocated
 above the allocation before sampling (the caching allocator's live tensors; no allocator variants).
 Rounds: every configuration once per round, in a rotating order; the table holds the median over rounds.
 """
@@ -39,6 +41,9 @@ if str(ROOT) not in sys.path:
 from bench.common import BENCHMARKS, machine, write_section, write_summary  # noqa: E402
 
 ALLOCATORS = ("default", "trim0")
+# "tensors": the peak bytes of live tensors (fairdiff_ray.profiling.LiveTensorBytes), what
+# torch.cuda.max_memory_allocated measures on a GPU - the memory the chain needs, whatever the allocator keeps
+MEASURES = (*ALLOCATORS, "tensors")
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameter numbers
 DEFAULT_MMAP_THRESHOLD = 128 * 1024  # glibc's start value, kept fixed when MALLOC_TRIM_THRESHOLD_ is set
 
@@ -79,11 +84,15 @@ def build(model: str, sd15_size: str, latent: int, device: str, dtype: str):  # 
     return unet, size, sched
 
 
-def measure(unet, size: int, sched_cfg, steps: int, checkpoint: bool, batch: int, device: str) -> dict:  # noqa: ANN001
+def measure(unet, size: int, sched_cfg, steps: int, checkpoint: bool, batch: int, device: str,  # noqa: ANN001
+            alloc: str = "default") -> dict:
+    import contextlib
+
     import torch
     from diffusers import DDIMScheduler
 
     from fairdiff_ray.core.sampler import sample_with_grad
+    from fairdiff_ray.profiling import LiveTensorBytes
 
     dtype = next(unet.parameters()).dtype
     sched = DDIMScheduler.from_config(sched_cfg)
@@ -101,10 +110,15 @@ def measure(unet, size: int, sched_cfg, steps: int, checkpoint: bool, batch: int
         with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS mark (Linux >= 4.0)
             f.write("5")
         before = _status_kb("VmRSS") * 1024
+    live = LiveTensorBytes() if alloc == "tensors" else None
     t0 = time.perf_counter()
-    x0 = sample_with_grad(eps_fn, x_T, sched, estimator="adjusted", checkpoint=checkpoint, num_inference_steps=steps)
-    x0.float().square().mean().backward()
-    if device == "cuda":
+    with live if live is not None else contextlib.nullcontext():
+        x0 = sample_with_grad(eps_fn, x_T, sched, estimator="adjusted", checkpoint=checkpoint,
+                              num_inference_steps=steps)
+        x0.float().square().mean().backward()
+    if live is not None:
+        peak = live.peak
+    elif device == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
     else:
@@ -194,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--sd15-rounds", type=int, default=1,
                    help="rounds for SD v1.5 (one T=40 checkpointed chain is ~5 CPU-minutes at 8x8 latents)")
-    p.add_argument("--sd15-allocators", nargs="+", default=["trim0"], choices=list(ALLOCATORS),
-                   help="allocators for SD v1.5 on CPU (the workers run with trim0)")
+    p.add_argument("--sd15-allocators", nargs="+", default=["trim0", "tensors"], choices=list(MEASURES),
+                   help="allocators (or 'tensors': live tensor bytes) for SD v1.5 on CPU (the workers run with trim0)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", default=str(BENCHMARKS), help="markdown file to write the section into ('-': none)")
@@ -209,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    allocators = ALLOCATORS if args.device == "cpu" else ("caching",)
+    allocators = MEASURES if args.device == "cpu" else ("caching",)
     rows: list[dict] = []
     for model in args.models:
         unet, size, sched = build(model, args.sd15_size, args.latent, args.device, args.dtype)
@@ -221,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(rounds):
             k = (r * len(plan)) // max(rounds, 1)
             for alloc, ckpt, t in plan[k:] + plan[:k]:
-                fn = functools.partial(measure, unet, size, sched, t, ckpt, batch, args.device)
+                fn = functools.partial(measure, unet, size, sched, t, ckpt, batch, args.device, alloc)
                 if args.device == "cpu":
                     res = forked(fn, alloc)
                 else:
@@ -249,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
             "rotated per round; on CPU sd15 runs with the allocator(s) "
             f"{', '.join(args.sd15_allocators) if args.device == 'cpu' else 'caching'} and uncheckpointed up to "
             f"T={args.sd15_max_uncheckpointed} only, to fit the CPU time). "
-            "default = glibc's default allocator; trim0 = trim threshold 0 (MALLOC_TRIM_THRESHOLD_=0).\n\n"
+            "default = glibc's default allocator; trim0 = trim threshold 0 (MALLOC_TRIM_THRESHOLD_=0); tensors = "
+            "the peak bytes of live tensors (fairdiff_ray.profiling.LiveTensorBytes; the CPU counterpart of "
+            "torch.cuda.max_memory_allocated: no allocator caching or fragmentation in it).\n\n"
             + table(rows, steps))
     print(body)
     if args.out != "-":

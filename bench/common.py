@@ -85,7 +85,8 @@ def write_summary(path: Path = BENCHMARKS) -> None:
                 continue
             unck = r.get("uncheckpointed")
             note = f"uncheckpointed: {unck:.2f}x" if unck is not None else "uncheckpointed: not run / failed"
-            rows.append((f"peak memory T={r['t_hi']} / T={r['t_lo']}, checkpointed", "<= 1.15x", r["checkpointed"],
+            what = ("peak live-tensor bytes" if key.endswith(" tensors") else "peak memory")
+            rows.append((f"{what} T={r['t_hi']} / T={r['t_lo']}, checkpointed", "<= 1.15x", r["checkpointed"],
                          1.15, True, f"{key} ({label}); {note}"))
     d = section_data(path, "workers") or {}
     if "speedup" in d:
