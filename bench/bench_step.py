@@ -13,7 +13,7 @@ each warmed up with one step. Then, per round, interleaved and in a rotating ord
              no_grad, then the images again with gradients, backward);
   fused      one training step with train.schedule=fused (every eps call checkpointed: memory flat in T);
   selective  the same fused step with selective checkpointing: eps calls keep their activations for
-             backward (no recomputation) up to --keep-mb per chunk (Worker.keep_activations_bytes), the
+             backward (no recomputation) up to --keep-mb per chunk (sampler.keep_activations_mb), the
              rest are checkpointed.
 Reported: the median over rounds of each time and of each per-round ratio (ratios within a round are side by
 side, so load from other processes on the machine affects both sides alike as far as possible).
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--sd15-size", default="full", choices=["full", "dry"])
     p.add_argument("--keep-mb", type=float, default=1024.0,
-                   help="selective variant: eps-call activations kept per chunk (Worker.keep_activations_bytes)")
+                   help="selective variant: eps-call activations kept per chunk (sampler.keep_activations_mb)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides")
     p.add_argument("--out", default=str(BENCHMARKS), help="markdown file to write the section into ('-': none)")
     p.add_argument("--section", default="step", help="section name in --out")

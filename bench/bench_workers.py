@@ -1,7 +1,7 @@
 """Training throughput with 1 vs 2 Ray Train workers (issue 8 d).
 
-    python bench/bench_workers.py                       # synthetic world, N=8, T=10, 5 steps per run, 3 rounds
-    python bench/bench_workers.py --workers 1 2 4 --steps 6 --rounds 3
+    python bench/bench_workers.py                       # synthetic world, N=8 and 16, T=10, 5 steps per run, 3 rounds
+    python bench/bench_workers.py --workers 1 2 4 --images 16 --steps 6 --rounds 3
 
 Each run is a real ``dist.trainer.build_trainer(cfg).fit()`` on the synthetic world (assets/synthetic-sd, the
 synthetic detector / classifier / feature net, text-encoder LoRA, DeepSpeed ZeRO-0 on gloo), one CPU and one
@@ -9,7 +9,10 @@ torch thread per worker, on a private local Ray cluster. The runs alternate (1, 
 rounds. Throughput is the per-step ``images_per_s`` metric rank 0 writes to metrics.jsonl (N images of the
 step / the step's wall time on rank 0, all-gather and gradient all-reduce included), so worker start-up, model
 loading and checkpointing are excluded; the first step of every run (warm-up) is dropped. Reported: median
-images/s per worker count, and the median over rounds of the per-round ratio W workers / 1 worker.
+images/s per worker count, and the median over rounds of the per-round ratio W workers / 1 worker, for each N.
+Why several N: on CPU a UNet call's cost per image falls with the batch (measured on the synthetic UNet, one
+thread: 16 rows 29 ms, 8 rows 18 ms), so W workers sharing N images each run a smaller batch; N=16 is what
+``make demo`` trains per step (2 prompts x 8 images).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ if str(ROOT) not in sys.path:
 from bench.common import BENCHMARKS, write_section, write_summary  # noqa: E402
 
 
-def config(args: argparse.Namespace, storage: Path, name: str, workers: int):  # noqa: ANN201
+def config(args: argparse.Namespace, storage: Path, name: str, workers: int, images: int):  # noqa: ANN201
     from fairdiff_ray.config import load_config
 
     return load_config(None, [
@@ -40,16 +43,16 @@ def config(args: argparse.Namespace, storage: Path, name: str, workers: int):  #
         "adaptor.kind=text_lora", "adaptor.rank=8", "sampler.scheduler=ddim", f"sampler.steps={args.sampling_steps}",
         "sampler.steps_jitter=0", "sampler.guidance_scale=7.5", "loss.lambda_img=16", "loss.lambda_face=0",
         f"train.steps={args.steps}", f"train.checkpoint_every={args.steps}", "train.validate_every=0",
-        f"train.images_per_prompt={args.images}", f"train.chunk_size={args.images}", "train.prompts_per_step=1",
+        f"train.images_per_prompt={images}", f"train.chunk_size={images}", "train.prompts_per_step=1",
         "train.lr=0.001", f"ray.num_workers={workers}", "ray.cpus_per_worker=1",
         "deepspeed.enabled=true", "deepspeed.zero_stage=0", "deepspeed.precision=fp32",
     ])
 
 
-def one_run(args: argparse.Namespace, storage: Path, name: str, workers: int) -> dict:
+def one_run(args: argparse.Namespace, storage: Path, name: str, workers: int, images: int) -> dict:
     from fairdiff_ray.dist.trainer import build_trainer, run_dir
 
-    cfg = config(args, storage, name, workers)
+    cfg = config(args, storage, name, workers, images)
     t0 = time.perf_counter()
     result = build_trainer(cfg).fit()
     wall = time.perf_counter() - t0
@@ -59,14 +62,15 @@ def one_run(args: argparse.Namespace, storage: Path, name: str, workers: int) ->
     rows = sorted(rows, key=lambda r: r["step"])[1:]  # drop the warm-up step
     ips = [float(r["images_per_s"]) for r in rows]
     cpu = [float(r["cpu_s"]) for r in rows]
-    return {"workers": workers, "images_per_s": statistics.median(ips), "steps": ips, "wall_s": wall,
+    return {"workers": workers, "images": images, "images_per_s": statistics.median(ips), "steps": ips, "wall_s": wall,
             "cpu_s": statistics.median(cpu)}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--images", type=int, default=8, help="N images per step (divides over the workers)")
+    p.add_argument("--images", type=int, nargs="+", default=[8, 16],
+                   help="N images per step (divides over the workers); one table row per N and worker count")
     p.add_argument("--sampling-steps", type=int, default=10, help="T DDIM steps")
     p.add_argument("--steps", type=int, default=5, help="training steps per run (the first is dropped)")
     p.add_argument("--rounds", type=int, default=3)
@@ -89,32 +93,39 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="fairdiff-bench-workers-") as tmp:
             for r in range(args.rounds):
                 order = args.workers if r % 2 == 0 else args.workers[::-1]
-                for w in order:
-                    res = one_run(args, Path(tmp), f"w{w}-r{r}", w)
-                    runs.append({**res, "round": r})
-                    print(f"round {r + 1} workers {w}: {res['images_per_s']:.2f} images/s "
-                          f"(steps {[round(x, 2) for x in res['steps']]}, fit {res['wall_s']:.0f} s)", flush=True)
+                for n in args.images:
+                    for w in order:
+                        res = one_run(args, Path(tmp), f"n{n}-w{w}-r{r}", w, n)
+                        runs.append({**res, "round": r})
+                        print(f"round {r + 1} N={n} workers {w}: {res['images_per_s']:.2f} images/s "
+                              f"(steps {[round(x, 2) for x in res['steps']]}, fit {res['wall_s']:.0f} s)", flush=True)
     finally:
         ray.shutdown()
-    by_w = {w: [x["images_per_s"] for x in runs if x["workers"] == w] for w in args.workers}
-    lines = ["| workers | images/s (median) | per round | x 1 worker (median of per-round ratios) | "
-             "rank-0 CPU s per step (median) | CPU-time scaling vs 1 worker |", "|---|---|---|---|---|---|"]
-    speedup, cpu_scaling = {}, {}
-    for w in args.workers:
-        pairs = [(x, y) for x in runs for y in runs
-                 if x["workers"] == w and y["workers"] == 1 and x["round"] == y["round"]]
-        speedup[w] = statistics.median(x["images_per_s"] / y["images_per_s"] for x, y in pairs)
-        cpu_scaling[w] = statistics.median(y["cpu_s"] / x["cpu_s"] for x, y in pairs)
-        cpu_w = statistics.median(x["cpu_s"] for x in runs if x["workers"] == w)
-        lines.append(f"| {w} | {statistics.median(by_w[w]):.2f} | {', '.join(f'{v:.2f}' for v in by_w[w])} | "
-                     f"{speedup[w]:.2f}x | {cpu_w:.2f} | {cpu_scaling[w]:.2f}x |")
+    lines = ["| N | workers | images/s (median) | per round | x 1 worker (median of per-round ratios) | "
+             "rank-0 CPU s per step (median) | CPU-time scaling vs 1 worker |", "|---|---|---|---|---|---|---|"]
+    by_images: dict[str, dict] = {}
+    for n in args.images:
+        sel = [x for x in runs if x["images"] == n]
+        speedup, cpu_scaling = {}, {}
+        for w in args.workers:
+            pairs = [(x, y) for x in sel for y in sel
+                     if x["workers"] == w and y["workers"] == 1 and x["round"] == y["round"]]
+            speedup[w] = statistics.median(x["images_per_s"] / y["images_per_s"] for x, y in pairs)
+            cpu_scaling[w] = statistics.median(y["cpu_s"] / x["cpu_s"] for x, y in pairs)
+            ips = [x["images_per_s"] for x in sel if x["workers"] == w]
+            cpu_w = statistics.median(x["cpu_s"] for x in sel if x["workers"] == w)
+            lines.append(f"| {n} | {w} | {statistics.median(ips):.2f} | {', '.join(f'{v:.2f}' for v in ips)} | "
+                         f"{speedup[w]:.2f}x | {cpu_w:.2f} | {cpu_scaling[w]:.2f}x |")
+        by_images[str(n)] = {"speedup": {str(w): round(v, 3) for w, v in speedup.items()},
+                             "cpu_scaling": {str(w): round(v, 3) for w, v in cpu_scaling.items()},
+                             "where": f"synthetic world, N={n}, T={args.sampling_steps}, {os.cpu_count()} CPUs"}
     import platform
 
     text = (
         "## Ray Train workers: images/s, 1 vs 2 (bench/bench_workers.py)\n\n"
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. build_trainer(...).fit() on the synthetic world, "
-        f"N={args.images} images per step, T={args.sampling_steps} DDIM steps, guidance 7.5, text-encoder LoRA rank "
+        f"N={' and '.join(map(str, args.images))} images per step (one prompt), T={args.sampling_steps} DDIM steps, guidance 7.5, text-encoder LoRA rank "
         f"8, DeepSpeed ZeRO-0 (gloo), 1 CPU and 1 torch thread per worker; {args.steps} steps per run, the first "
         f"dropped; {args.rounds} rounds alternating the worker counts. images/s = the per-step metric of rank 0 "
         "(start-up, loading and checkpoints excluded).\n\n" + "\n".join(lines)
@@ -124,13 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         "images/s ratio would approach on free cores, collectives aside).")
     print(text)
     if args.out != "-":
-        where = f"synthetic world, N={args.images}, T={args.sampling_steps}, {os.cpu_count()} CPUs"
-        write_section(Path(args.out), "workers", text,
-                      {"speedup": {str(w): round(s, 3) for w, s in speedup.items()}, "where": where,
-                       "cpu_scaling": {str(w): round(s, 3) for w, s in cpu_scaling.items()}})
+        write_section(Path(args.out), "workers", text, {"by_images": by_images})
         write_summary(Path(args.out))
         print(f"wrote {args.out}")
-    print(json.dumps({str(w): round(s, 3) for w, s in speedup.items()}))
+    print(json.dumps({n: d["speedup"] for n, d in by_images.items()}))
     return 0
 
 

@@ -89,13 +89,13 @@ def write_summary(path: Path = BENCHMARKS) -> None:
             rows.append((f"{what} T={r['t_hi']} / T={r['t_lo']}, checkpointed", "<= 1.15x", r["checkpointed"],
                          1.15, True, f"{key} ({label}); {note}"))
     d = section_data(path, "workers") or {}
-    if "speedup" in d:
-        for w, s in d["speedup"].items():
+    for r in (d.get("by_images") or {"": d}).values():  # one entry per N (older sections: one N, flat)
+        for w, s in r.get("speedup", {}).items():
             if w != "1":
-                cpu = d.get("cpu_scaling", {}).get(w)
+                cpu = r.get("cpu_scaling", {}).get(w)
                 note = f"; CPU-time scaling {cpu:.2f}x" if cpu is not None else ""
                 rows.append((f"images/s, {w} Ray Train workers / 1", ">= 1.7x" if w == "2" else "-", s,
-                             1.7 if w == "2" else 0.0, False, d.get("where", "") + note))
+                             1.7 if w == "2" else 0.0, False, r.get("where", "") + note))
     d = section_data(path, "eval") or {}
     for name, r in d.get("per_worker", {}).items():
         rows.append(("evaluation pipeline images/s per worker / plain diffusers loop", ">= 0.9x", r, 0.9, False,

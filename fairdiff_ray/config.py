@@ -76,6 +76,10 @@ class SamplerConfig(_Section):
     estimator: Literal["adjusted", "exact", "truncated", "random_truncation"] = "adjusted"
     truncate_k: int | None = Field(None, gt=0)
     checkpoint: bool = True
+    # selective checkpointing (with ``checkpoint``): per chunk, eps calls keep their activations for backward
+    # (no recomputation) until this many MB are kept, later calls are checkpointed; 0 = every call checkpointed
+    # (memory flat in the number of steps). Same images and gradients either way.
+    keep_activations_mb: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _k(self) -> SamplerConfig:

@@ -87,9 +87,10 @@ def test_fused_and_reference_schedules_give_the_same_update(tmp_path):
 
 def test_selective_checkpointing_gives_the_same_update_without_recomputing(tmp_path):
     states, unet_calls = [], []
-    for keep in (0, 1 << 30):  # every eps call recomputed in backward / every call's activations kept
-        w = _worker(tmp_path, "deepspeed.enabled=false", "train.schedule=fused")
-        w.keep_activations_bytes = keep
+    for keep_mb in (0, 1024):  # every eps call recomputed in backward / every call's activations kept
+        w = _worker(tmp_path, "deepspeed.enabled=false", "train.schedule=fused",
+                    f"sampler.keep_activations_mb={keep_mb}")
+        assert w.keep_activations_bytes == keep_mb * 2**20
         calls = []
         w.comp.unet.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
         for step in range(2):

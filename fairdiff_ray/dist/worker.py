@@ -150,10 +150,11 @@ class Worker:
         micro = cfg.train.prompts_per_step * len(self.chunks)
         self.engine = build_engine(cfg, self.modules, params, micro, self.rank, self.world)
         self.skipped = 0
-        # selective checkpointing (core.sampler keep_activations_bytes): the eps calls of each chunk's gradient
-        # pass keep their activations up to this many bytes instead of being recomputed in backward (the fused
-        # schedule holds every chunk of a prompt until its backward); 0 = checkpoint every call
-        self.keep_activations_bytes = 0
+        # selective checkpointing (sampler.keep_activations_mb -> core.sampler keep_activations_bytes): the eps
+        # calls of each chunk's gradient pass keep their activations up to this many bytes instead of being
+        # recomputed in backward (the fused schedule holds every chunk of a prompt until its backward, so the
+        # step keeps up to chunks x this); 0 = checkpoint every call
+        self.keep_activations_bytes = int(cfg.sampler.keep_activations_mb * 2**20)
 
     # -- generation ----------------------------------------------------------------------------------------
 
