@@ -8,7 +8,6 @@ export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
-export MALLOC_TRIM_THRESHOLD_ ?= 0
 
 .PHONY: install sysdeps test lint demo clean bench
 

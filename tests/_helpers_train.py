@@ -104,6 +104,19 @@ class FailOnce:
             raise RuntimeError(f"injected failure at step {step} on rank {rank}")
 
 
+class StartEnv:
+    """fault(step, rank) that records, once per rank, the environment the worker process was started with
+    (/proc/self/environ: what glibc read at start-up, not later os.environ changes) into ``<dir>/rank<r>.env``."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    def __call__(self, step: int, rank: int) -> None:
+        path = Path(self.out_dir) / f"rank{rank}.env"
+        if not path.exists():
+            path.write_bytes(Path("/proc/self/environ").read_bytes())
+
+
 def write_prompts(path: Path, n_train: int = 4, n_val: int = 2) -> Path:
     rows = [{"concept": "occupations", "prompt": f"a photo of the face of a {w}", "subject": w,
              "split": "train" if i < n_train else "val"} for i, w in enumerate(WORDS[: n_train + n_val])]

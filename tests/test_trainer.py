@@ -5,6 +5,7 @@ finished run is not clobbered."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 from fairdiff_ray.dist.metrics import read_metrics
 from fairdiff_ray.dist.trainer import build_trainer, export_result, run_debias, run_dir
 from fairdiff_ray.errors import UserError
-from tests._helpers_train import FailOnce, builders, tiny_config
+from tests._helpers_train import FailOnce, StartEnv, builders, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +25,8 @@ def base(tmp_path_factory, ray_cluster):
     """The reference: 1 worker x N=4 images, 3 steps, uninterrupted."""
     tmp = tmp_path_factory.mktemp("train")
     cfg = tiny_config(tmp, "run.name=one")
-    result = build_trainer(cfg, builders=builders()).fit()
+    (tmp / "env").mkdir()
+    result = build_trainer(cfg, builders=builders(StartEnv(str(tmp / "env")))).fit()
     export_result(cfg, result)
     return tmp, cfg
 
@@ -44,6 +46,19 @@ def _assert_same_adaptor(a, b, atol=1e-5):
 
 def _initial(key: str, state: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.zeros_like(state[key]) if "lora_B" in key else state[key]
+
+
+def test_training_workers_start_with_the_trim_threshold_at_zero(base, monkeypatch):
+    """Training workers (only they) start with MALLOC_TRIM_THRESHOLD_=0 unless the caller set a value."""
+    from fairdiff_ray.dist.trainer import training_worker_env
+
+    tmp, _ = base
+    env = dict(kv.split("=", 1) for kv in (tmp / "env" / "rank0.env").read_text().split("\0") if "=" in kv)
+    assert env.get("MALLOC_TRIM_THRESHOLD_") == os.environ.get("MALLOC_TRIM_THRESHOLD_", "0")
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    assert training_worker_env() == {"MALLOC_TRIM_THRESHOLD_": "0"}
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    assert training_worker_env() == {"MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
 def test_two_workers_equal_one_worker_with_twice_the_images(base):
