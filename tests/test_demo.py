@@ -16,9 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
-SHORT = ["train.steps=2", "train.checkpoint_every=2", "train.images_per_prompt=4", "train.chunk_size=4",
-         "sampler.steps=3", "sampler.steps_jitter=0", "eval.max_prompts=3", "eval.images_per_prompt=2",
-         "eval.steps=3", "eval.grid_images=2", "ray.cpus_per_worker=1", "eval.cpus_per_actor=0.5"]
+SHORT = ["train.steps=2", "train.checkpoint_every=2", "train.prompts_per_step=2", "train.images_per_prompt=4",
+         "train.chunk_size=4", "sampler.steps=3", "sampler.steps_jitter=0", "eval.max_prompts=3",
+         "eval.images_per_prompt=2", "eval.steps=3", "eval.grid_images=2", "ray.cpus_per_worker=1",
+         "eval.cpus_per_actor=0.5"]
 
 
 def _demo_main():
