@@ -4,7 +4,9 @@ On CPU the process's resident size is what the allocator holds, not what the ten
 blocks in its heap, so peak RSS grows with fragmentation even when the live tensors do not. ``LiveTensorBytes``
 counts the tensors themselves: a dispatch mode sees every tensor an operator returns (forward and backward; the
 autograd engine runs backward under the caller's modes), counts its storage once while that storage is alive
-(storages keep one Python object while alive, so a weakref finalizer marks the free), and keeps the peak.
+(storages keep one Python object while alive, so a weakref finalizer marks the free), and keeps the peak. An
+output that shares its storage with one of the operator's inputs (a view such as ``linear``'s transposed
+weight, an in-place result) is not an allocation and is not counted.
 
     with LiveTensorBytes() as mem:
         loss = f(x); loss.backward()
@@ -23,6 +25,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 
+def _ptr(t: torch.Tensor) -> tuple[str, int]:
+    return (str(t.device), t.untyped_storage().data_ptr()) if t.device.type != "meta" else ("meta", id(t))
+
+
 class LiveTensorBytes(TorchDispatchMode):
     """Live and peak bytes of the storages created by operators inside the block (see the module docstring)."""
 
@@ -37,12 +43,13 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
+        inputs = {_ptr(a) for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
         for t in tree_leaves(out):
             if not isinstance(t, torch.Tensor) or t.device.type == "meta":
                 continue
             storage = t.untyped_storage()
             key = id(storage)
-            if key in self._sizes:  # a view or an in-place result: its storage is counted already
+            if key in self._sizes or _ptr(t) in inputs:  # counted already, or a view / in-place result of an input
                 continue
             self._sizes[key] = storage.nbytes()
             self.live += self._sizes[key]

@@ -116,6 +116,10 @@ def test_live_tensor_bytes_counts_storages_once_and_sees_frees_and_backward():
         (a @ w).sum().backward()  # a @ w is freed after the sum; the backward's w.grad is counted and kept
     assert w.grad is not None
     assert mem.live == 2 * mb and 2 * mb <= mem.peak < 2 * mb + 1024
+    big = torch.randn(512, 512)  # a weight made before the block: linear views it transposed, no allocation
+    with LiveTensorBytes() as mem:
+        y = torch.nn.functional.linear(torch.ones(4, 512), big)
+    assert y.shape == (4, 512) and mem.live == 4 * 512 * 4 and mem.peak == 2 * 4 * 512 * 4  # y; y + the ones
 
 
 def _chain_peak(components, steps: int, checkpoint: bool) -> int:
