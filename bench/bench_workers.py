@@ -12,7 +12,10 @@ loading and checkpointing are excluded; the first step of every run (warm-up) is
 images/s per worker count, and the median over rounds of the per-round ratio W workers / 1 worker, for each N.
 Why several N: on CPU a UNet call's cost per image falls with the batch (measured on the synthetic UNet, one
 thread: 16 rows 29 ms, 8 rows 18 ms), so W workers sharing N images each run a smaller batch; N=16 is what
-``make demo`` trains per step (2 prompts x 8 images).
+``make demo`` trains per step on 2 workers before the demo moved to 8 prompts x 8 images. Backward chunks have
+the same size (``--chunk-size``, default 4 as in make demo) for every worker count: with chunks of all N images,
+one worker at N=16 spent 4.4 CPU s per step against 1.5 s at N=8 (larger tensors, slower per image), which made
+2 workers look 2.4x faster.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def config(args: argparse.Namespace, storage: Path, name: str, workers: int, ima
         "adaptor.kind=text_lora", "adaptor.rank=8", "sampler.scheduler=ddim", f"sampler.steps={args.sampling_steps}",
         "sampler.steps_jitter=0", "sampler.guidance_scale=7.5", "loss.lambda_img=16", "loss.lambda_face=0",
         f"train.steps={args.steps}", f"train.checkpoint_every={args.steps}", "train.validate_every=0",
-        f"train.images_per_prompt={images}", f"train.chunk_size={images}", "train.prompts_per_step=1",
+        f"train.images_per_prompt={images}", f"train.chunk_size={args.chunk_size}", "train.prompts_per_step=1",
         "train.lr=0.001", f"ray.num_workers={workers}", "ray.cpus_per_worker=1",
         "deepspeed.enabled=true", "deepspeed.zero_stage=0", "deepspeed.precision=fp32",
     ])
@@ -71,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--images", type=int, nargs="+", default=[8, 16],
                    help="N images per step (divides over the workers); one table row per N and worker count")
+    p.add_argument("--chunk-size", type=int, default=4,
+                   help="images per backward chunk on every worker (make demo's 4): the same per-worker work unit "
+                        "whatever the worker count (a chunk of all N on 1 worker cost 3x the CPU of N/2 per image)")
     p.add_argument("--sampling-steps", type=int, default=10, help="T DDIM steps")
     p.add_argument("--steps", type=int, default=5, help="training steps per run (the first is dropped)")
     p.add_argument("--rounds", type=int, default=3)
@@ -125,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         "## Ray Train workers: images/s, 1 vs 2 (bench/bench_workers.py)\n\n"
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. build_trainer(...).fit() on the synthetic world, "
-        f"N={' and '.join(map(str, args.images))} images per step (one prompt), T={args.sampling_steps} DDIM steps, guidance 7.5, text-encoder LoRA rank "
+        f"N={' and '.join(map(str, args.images))} images per step (one prompt) in chunks of {args.chunk_size} per worker, T={args.sampling_steps} DDIM steps, guidance 7.5, text-encoder LoRA rank "
         f"8, DeepSpeed ZeRO-0 (gloo), 1 CPU and 1 torch thread per worker; {args.steps} steps per run, the first "
         f"dropped; {args.rounds} rounds alternating the worker counts. images/s = the per-step metric of rank 0 "
         "(start-up, loading and checkpoints excluded).\n\n" + "\n".join(lines)
