@@ -17,8 +17,9 @@ every configuration runs with the default allocator and with the trim threshold 
 MALLOC_TRIM_THRESHOLD_=0 gives a process from start-up: large blocks are mmapped and go back to the OS when
 freed, the heap top is trimmed, so the peak tracks live memory), and a third measure, ``tensors``: the peak bytes
 of live tensors (fairdiff_ray.profiling.LiveTensorBytes, a dispatch mode over forward and backward), which is what
-torch.cuda.max_memory_allocated reports on a GPU: the memory the chain needs, with no allocator in it. CUDA: in process, torch.cuda.max_memory_allocated
-above the allocation before sampling (the caching allocator's live tensors; no allocator variants).
+torch.cuda.max_memory_allocated reports on a GPU: the memory the chain needs, with no allocator in it.
+CUDA: in process, torch.cuda.max_memory_allocated above the allocation before sampling (the caching allocator's
+live tensors; no allocator variants).
 Rounds: every configuration once per round, in a rotating order; the table holds the median over rounds.
 """
 
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sd15-rounds", type=int, default=1,
                    help="rounds for SD v1.5 (one T=40 checkpointed chain is ~5 CPU-minutes at 8x8 latents)")
     p.add_argument("--sd15-allocators", nargs="+", default=["trim0", "tensors"], choices=list(MEASURES),
-                   help="allocators (or 'tensors': live tensor bytes) for SD v1.5 on CPU (the workers run with trim0)")
+                   help="allocators (or 'tensors': live tensor bytes) for SD v1.5 on CPU (workers run with trim0)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", default=str(BENCHMARKS), help="markdown file to write the section into ('-': none)")

@@ -65,8 +65,8 @@ def one_run(args: argparse.Namespace, storage: Path, name: str, workers: int, im
     rows = sorted(rows, key=lambda r: r["step"])[1:]  # drop the warm-up step
     ips = [float(r["images_per_s"]) for r in rows]
     cpu = [float(r["cpu_s"]) for r in rows]
-    return {"workers": workers, "images": images, "images_per_s": statistics.median(ips), "steps": ips, "wall_s": wall,
-            "cpu_s": statistics.median(cpu)}
+    return {"workers": workers, "images": images, "images_per_s": statistics.median(ips), "steps": ips,
+            "wall_s": wall, "cpu_s": statistics.median(cpu)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         "## Ray Train workers: images/s, 1 vs 2 (bench/bench_workers.py)\n\n"
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. build_trainer(...).fit() on the synthetic world, "
-        f"N={' and '.join(map(str, args.images))} images per step (one prompt) in chunks of {args.chunk_size} per worker, T={args.sampling_steps} DDIM steps, guidance 7.5, text-encoder LoRA rank "
-        f"8, DeepSpeed ZeRO-0 (gloo), 1 CPU and 1 torch thread per worker; {args.steps} steps per run, the first "
+        f"N={' and '.join(map(str, args.images))} images per step (one prompt) in chunks of {args.chunk_size} per "
+        f"worker, T={args.sampling_steps} DDIM steps, guidance 7.5, text-encoder LoRA rank 8, DeepSpeed ZeRO-0 "
+        f"(gloo), 1 CPU and 1 torch thread per worker; {args.steps} steps per run, the first "
         f"dropped; {args.rounds} rounds alternating the worker counts. images/s = the per-step metric of rank 0 "
         "(start-up, loading and checkpoints excluded).\n\n" + "\n".join(lines)
         + f"\n\nOther processes shared the {os.cpu_count()} cores during the run (load average "

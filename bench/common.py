@@ -85,11 +85,11 @@ def write_summary(path: Path = BENCHMARKS) -> None:
                 continue
             unck = r.get("uncheckpointed")
             note = f"uncheckpointed: {unck:.2f}x" if unck is not None else "uncheckpointed: not run / failed"
-            what = ("peak live-tensor bytes" if key.endswith(" tensors") else "peak memory")
+            what = "peak live-tensor bytes" if key.endswith(" tensors") else "peak memory"
             rows.append((f"{what} T={r['t_hi']} / T={r['t_lo']}, checkpointed", "<= 1.15x", r["checkpointed"],
                          1.15, True, f"{key} ({label}); {note}"))
     d = section_data(path, "workers") or {}
-    for r in (d.get("by_images") or {"": d}).values():  # one entry per N (older sections: one N, flat)
+    for r in d.get("by_images", {}).values():  # one entry per N
         for w, s in r.get("speedup", {}).items():
             if w != "1":
                 cpu = r.get("cpu_scaling", {}).get(w)

@@ -25,10 +25,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 
-def _ptr(t: torch.Tensor) -> tuple[str, int]:
-    return (str(t.device), t.untyped_storage().data_ptr()) if t.device.type != "meta" else ("meta", id(t))
-
-
 class LiveTensorBytes(TorchDispatchMode):
     """Live and peak bytes of the storages created by operators inside the block (see the module docstring)."""
 
@@ -43,13 +39,15 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        inputs = {_ptr(a) for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+        inputs = {(a.device, a.untyped_storage().data_ptr()) for a in tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor) and a.device.type != "meta"}
         for t in tree_leaves(out):
             if not isinstance(t, torch.Tensor) or t.device.type == "meta":
                 continue
             storage = t.untyped_storage()
             key = id(storage)
-            if key in self._sizes or _ptr(t) in inputs:  # counted already, or a view / in-place result of an input
+            # counted already, or a view / in-place result of an input (not an allocation)
+            if key in self._sizes or (t.device, storage.data_ptr()) in inputs:
                 continue
             self._sizes[key] = storage.nbytes()
             self.live += self._sizes[key]
