@@ -64,7 +64,18 @@ class AdaptorConfig(_Section):
     soft_tokens: int = Field(5, gt=0)
     # where the soft tokens go: right after BOS (METHOD.md, the paper) or right after the prompt's last token.
     # A small text encoder trained on fixed templates can break when every real token moves soft_tokens places
-    soft_position: Literal["prefix", "suffix"] = "prefix"
+    soft_position: Literal["prefix", "suffix", "replace"] = "prefix"
+    # replace: the soft tokens stand in for these words at the start of every prompt (one token per word piece;
+    # soft_tokens must equal their token count), initialised to exactly their embeddings, so no position moves and
+    # the untrained adaptor is the base model. Export usage: prompt.replace(soft_replace, "<fairdiff>", 1)
+    soft_replace: str | None = None
+
+    @model_validator(mode="after")
+    def _replace(self) -> AdaptorConfig:
+        if self.soft_position == "replace" and not (self.soft_replace or "").strip():
+            raise ValueError("adaptor.soft_replace must name the words the soft tokens replace when "
+                             "adaptor.soft_position is 'replace' (e.g. 'A photo of the face')")
+        return self
     ema_decay: float = Field(0.996, ge=0, lt=1)
 
 

@@ -45,6 +45,24 @@ def _warn_long(cfg: FairDiffConfig, prompts: list[list[str]], reserved: int = 0)
         warn_long_prompts(tokenizer, ps_prompts, f"data.prompt_sets.{i} ({ps.path})", reserved)
 
 
+def check_soft_replace(cfg_adaptor: dict | object, model_path: str, prompts: list[list[str]], where: str) -> None:
+    """A soft prompt with ``soft_position: replace``: its words are ``soft_tokens`` tokens and start every prompt."""
+    get = cfg_adaptor.get if isinstance(cfg_adaptor, dict) else lambda k: getattr(cfg_adaptor, k)
+    if get("kind") != "soft_prompt" or get("soft_position") != "replace":
+        return
+    from fairdiff_ray.models.sd import load_tokenizer
+
+    tok, text, n = load_tokenizer(model_path), str(get("soft_replace")), int(get("soft_tokens"))
+    want = list(tok(text, add_special_tokens=False).input_ids)
+    if len(want) != n:
+        raise ConfigError(f"adaptor.soft_replace {text!r} is {len(want)} tokens but adaptor.soft_tokens is {n}: "
+                          f"set adaptor.soft_tokens={len(want)}")
+    for p in (p for ps in prompts for p in ps):
+        if list(tok(p).input_ids[1 : 1 + n]) != want:
+            raise ConfigError(f"{where}: prompt {p!r} does not start with adaptor.soft_replace {text!r}; use prompts "
+                              "that do, or adaptor.soft_position prefix or suffix")
+
+
 def check_debias_inputs(cfg: FairDiffConfig) -> None:
     """Model directory, classifier vs target classes, detector, feature net and prompt sets of a debias run."""
     from fairdiff_ray.dist.data import check_prompt_sets
@@ -59,7 +77,9 @@ def check_debias_inputs(cfg: FairDiffConfig) -> None:
     check_detector(cfg.faces)
     _check_features(cfg)
     prompts = check_prompt_sets(cfg)
-    _warn_long(cfg, prompts, cfg.adaptor.soft_tokens if cfg.adaptor.kind == "soft_prompt" else 0)
+    check_soft_replace(cfg.adaptor, cfg.model.path, prompts, f"data.prompt_sets (split {cfg.data.split})")
+    soft_inserted = cfg.adaptor.kind == "soft_prompt" and cfg.adaptor.soft_position != "replace"
+    _warn_long(cfg, prompts, cfg.adaptor.soft_tokens if soft_inserted else 0)
 
 
 def check_eval_inputs(cfg: FairDiffConfig, adaptors: dict[str, str], models: bool = True,
@@ -85,4 +105,8 @@ def check_eval_inputs(cfg: FairDiffConfig, adaptors: dict[str, str], models: boo
         check_detector(cfg.faces)
     prompts = check_prompt_sets(cfg, [cfg.eval.split])
     if models:
+        from fairdiff_ray.models.adaptors import read_adaptor_meta
+
+        for name, path in adaptors.items():
+            check_soft_replace(read_adaptor_meta(path).get("adaptor", {}), cfg.model.path, prompts, f"adaptor {name}")
         _warn_long(cfg, prompts)

@@ -31,8 +31,9 @@ PROMPT = "a photo of the face of a nurse"
 SEEDS = [4, 9]
 STEPS = 3
 LORA_KINDS = ["text_lora", "unet_lora", "both"]
-ALL_KINDS = [*LORA_KINDS, "soft_prompt", "soft_prompt_suffix", "full_unet", "full_text"]
-EXPORTABLE = [*LORA_KINDS, "soft_prompt", "soft_prompt_suffix"]
+ALL_KINDS = [*LORA_KINDS, "soft_prompt", "soft_prompt_suffix", "soft_prompt_replace", "full_unet", "full_text"]
+EXPORTABLE = [*LORA_KINDS, "soft_prompt", "soft_prompt_suffix", "soft_prompt_replace"]
+REPLACE = "a photo of the face"  # PROMPT's first words: the replace-position soft prompt stands in for them
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,11 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def cfg(kind: str) -> AdaptorConfig:
-    """``soft_prompt_suffix``: a soft prompt placed after the prompt's last token instead of after BOS."""
+    """``soft_prompt_suffix``: a soft prompt placed after the prompt's last token instead of after BOS;
+    ``soft_prompt_replace``: one standing in for PROMPT's first words (REPLACE, 5 tokens)."""
+    if kind == "soft_prompt_replace":
+        return AdaptorConfig(kind="soft_prompt", rank=4, alpha=8.0, soft_tokens=5, ema_decay=0.9, soft_position="replace",
+                             soft_replace=REPLACE)
     position = "suffix" if kind == "soft_prompt_suffix" else "prefix"
     return AdaptorConfig(kind=kind.removesuffix("_suffix"), rank=4, alpha=8.0, soft_tokens=3, ema_decay=0.9,
                          soft_position=position)
@@ -137,7 +142,8 @@ def test_export_loads_in_stock_diffusers_and_reproduces_our_images(model_dir: Pa
     out = tmp_path / "adaptor"
     ad.export(str(out), {"attributes": ["gender"], "target": {"gender": [0.5, 0.5]}, "step": 2}, use_ema=False)
     meta = json.loads((out / "fairdiff_adaptor.json").read_text())
-    assert meta["kind"] == kind.removesuffix("_suffix") and meta["step"] == 2 and meta["alpha"] == 8.0
+    assert meta["kind"] == kind.removesuffix("_suffix").removesuffix("_replace") and meta["step"] == 2
+    assert meta["alpha"] == 8.0
     assert meta["ema"] is False
     assert meta["base_model"] == str(model_dir)
 
@@ -159,6 +165,10 @@ def test_export_loads_in_stock_diffusers_and_reproduces_our_images(model_dir: Pa
         pipe.load_textual_inversion(str(out), token=TOKEN)
         prompt = f"{PROMPT} {TOKEN}"
         assert meta["usage"].endswith(f'prompt = prompt + " {TOKEN}"')
+    elif kind == "soft_prompt_replace":
+        pipe.load_textual_inversion(str(out), token=TOKEN)
+        prompt = PROMPT.replace(REPLACE, TOKEN, 1)
+        assert meta["usage"].endswith(f'prompt = prompt.replace("{REPLACE}", "{TOKEN}", 1)')
     else:
         pipe.load_lora_weights(str(out))
     ref = pipe([prompt] * len(SEEDS), latents=noise_from_seeds(SEEDS, comp.latent_shape()), num_inference_steps=STEPS,
@@ -210,6 +220,32 @@ def test_soft_prompt_init_is_seeded_near_the_init_word(model_dir: Path) -> None:
     assert torch.equal(a, b) and not torch.equal(a, c) and a.shape == (3, comp.text_encoder.config.hidden_size)
     word = comp.text_encoder.get_input_embeddings().weight[comp.tokenizer("person", add_special_tokens=False).input_ids]
     assert (a - word.mean(0)).norm(dim=1).max() < 0.2 * word.norm()
+
+
+def test_soft_prompt_replace_starts_as_the_base_model_and_checks_its_words(model_dir: Path) -> None:
+    from pydantic import ValidationError
+
+    from fairdiff_ray.errors import ConfigError
+    from fairdiff_ray.models.sd import encode_prompts
+    from fairdiff_ray.preflight import check_soft_replace
+
+    comp = load_components(str(model_dir))
+    ad = attach_adaptor(comp, cfg("soft_prompt_replace"))
+    with torch.no_grad():  # the soft rows are exactly the replaced words' embeddings, at their positions
+        assert torch.equal(ad.encode([PROMPT]), encode_prompts(comp.tokenizer, comp.text_encoder, [PROMPT]))
+        assert torch.equal(images(ad), base_images(comp))
+    with pytest.raises(ValueError, match="does not start with adaptor.soft_replace"):
+        ad.encode(["a nurse, a photo of the face"])
+    with pytest.raises(ValueError, match="set soft_tokens to 5"):
+        attach_adaptor(load_components(str(model_dir)), cfg("soft_prompt_replace").model_copy(update={"soft_tokens": 3}))
+    with pytest.raises(ValidationError, match="soft_replace"):
+        AdaptorConfig(kind="soft_prompt", soft_position="replace")
+    good = cfg("soft_prompt_replace")
+    check_soft_replace(good, str(model_dir), [[PROMPT]], "set")  # no error
+    with pytest.raises(ConfigError, match="set: prompt 'a nurse' does not start with"):
+        check_soft_replace(good, str(model_dir), [[PROMPT, "a nurse"]], "set")
+    with pytest.raises(ConfigError, match="set adaptor.soft_tokens=5"):
+        check_soft_replace(good.model_dump() | {"soft_tokens": 4}, str(model_dir), [[PROMPT]], "set")
 
 
 def test_load_adaptor_errors_are_model_file_errors(model_dir: Path, tmp_path: Path) -> None:

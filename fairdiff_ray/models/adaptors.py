@@ -8,6 +8,8 @@ Kinds (AdaptorConfig.kind):
 - ``soft_prompt`` ``soft_tokens`` embeddings placed right after BOS of every conditional prompt
                   (``soft_position`` prefix, METHOD.md) or right after its last token (suffix); only they
                   train. Initialised from the embedding of a word ("person") plus small seeded noise.
+                  ``replace``: they stand in for the words ``soft_replace`` that every prompt starts with,
+                  initialised to exactly those words' embeddings (no position moves; untrained = base model).
 - ``full_unet`` / ``full_text``  the whole module trains (meant for DeepSpeed ZeRO stage <= 2: disabled()
                   swaps a CPU copy of the base weights in, which needs whole parameters on every rank).
 LoRA layers are peft's (``add_adapter``, adapter name "default"); B starts at zero, so attaching an adaptor
@@ -20,6 +22,7 @@ Export (``Adaptor.export``) writes files stock diffusers loads with no fairdiff 
     pipe.load_textual_inversion(ADAPTOR_DIR, token="<fairdiff>")  # soft_prompt ...
     image = pipe("<fairdiff> " + prompt).images[0]              # ... FIRST in the prompt (prefix) or
     image = pipe(prompt + " <fairdiff>").images[0]              # ... LAST (soft_position: suffix)
+    image = pipe(prompt.replace(SOFT_REPLACE, "<fairdiff>", 1)).images[0]  # ... instead of words (replace)
     pipe.unet = UNet2DConditionModel.from_pretrained(ADAPTOR_DIR, subfolder="unet")  # full_unet
     pipe.text_encoder = CLIPTextModel.from_pretrained(ADAPTOR_DIR, subfolder="text_encoder")  # full_text
 
@@ -62,6 +65,8 @@ _USAGE = {
     "lora": "pipe.load_lora_weights(ADAPTOR_DIR)",
     "soft_prompt": f'pipe.load_textual_inversion(ADAPTOR_DIR, token="{TOKEN}"); prompt = "{TOKEN} " + prompt',
     "soft_prompt_suffix": f'pipe.load_textual_inversion(ADAPTOR_DIR, token="{TOKEN}"); prompt = prompt + " {TOKEN}"',
+    "soft_prompt_replace": (f'pipe.load_textual_inversion(ADAPTOR_DIR, token="{TOKEN}"); '
+                            f'prompt = prompt.replace(SOFT_REPLACE, "{TOKEN}", 1)'),
     "full_unet": 'pipe.unet = UNet2DConditionModel.from_pretrained(ADAPTOR_DIR, subfolder="unet")',
     "full_text": 'pipe.text_encoder = CLIPTextModel.from_pretrained(ADAPTOR_DIR, subfolder="text_encoder")',
 }
@@ -119,8 +124,19 @@ class Adaptor:
                 a.copy_((torch.rand(a.shape, generator=gen) * 2 - 1) * bound)
         module.eval()
 
+    def _replace_ids(self) -> list[int]:
+        """Token ids of ``soft_replace`` (replace position); their count must be ``soft_tokens``."""
+        text = str(self.cfg.soft_replace)
+        ids = list(self.comp.tokenizer(text, add_special_tokens=False).input_ids)
+        if len(ids) != self.cfg.soft_tokens:
+            raise ValueError(f"adaptor.soft_replace {text!r} is {len(ids)} tokens but adaptor.soft_tokens is "
+                             f"{self.cfg.soft_tokens}: set soft_tokens to {len(ids)}")
+        return ids
+
     def _soft_init(self, word: str, gen: torch.Generator) -> Tensor:
         emb = self.comp.text_encoder.get_input_embeddings().weight.detach().float().cpu()
+        if self.cfg.soft_position == "replace":
+            return emb[self._replace_ids()].clone().to(self.comp.text_encoder.device)
         ids = self.comp.tokenizer(word, add_special_tokens=False).input_ids
         base = emb[ids].mean(0) if ids else emb.mean(0)
         noise = torch.randn((self.cfg.soft_tokens, emb.shape[1]), generator=gen) * 0.01 * float(emb.std())
@@ -155,14 +171,17 @@ class Adaptor:
         if self.soft is None or self._off:
             return encode_prompts(self.comp.tokenizer, self.comp.text_encoder, prompts)
         n, tok = self.soft.shape[0], self.comp.tokenizer
-        ids = tokenize(tok, prompts, tok.model_max_length - n)  # as the stock pipeline truncates "<fairdiff> " + p
-        if self.cfg.soft_position == "prefix":
-            at = [1] * ids.shape[0]
-        else:  # before the first EOS (CLIP pads with EOS; a truncated prompt ends with one too)
-            at = [int((row == tok.eos_token_id).nonzero()[0]) for row in ids]
-        filler = torch.full((n,), tok.bos_token_id, dtype=ids.dtype)  # replaced by the soft rows in splice
-        ids = torch.stack([torch.cat([row[:a], filler, row[a:]]) for row, a in zip(ids, at)])
         soft = self.soft
+        if self.cfg.soft_position == "replace":
+            ids = tokenize(tok, prompts, tok.model_max_length)
+            want = torch.tensor(self._replace_ids(), dtype=ids.dtype)
+            for p, row in zip(prompts, ids):
+                if not torch.equal(row[1 : 1 + n], want):
+                    raise ValueError(f"prompt {p!r} does not start with adaptor.soft_replace "
+                                     f"{self.cfg.soft_replace!r}: use prompts that do, or another soft_position")
+            at = [1] * ids.shape[0]
+        else:
+            ids, at = self._insert_filler(prompts)
 
         def splice(_module: torch.nn.Module, _inputs: Any, out: Tensor) -> Tensor:
             rows = soft.to(out.dtype)
@@ -173,6 +192,18 @@ class Adaptor:
             return encode_ids(self.comp.text_encoder, ids)
         finally:
             handle.remove()
+
+    def _insert_filler(self, prompts: list[str]) -> tuple[Tensor, list[int]]:
+        """Token ids with ``soft_tokens`` filler ids inserted (prefix: after BOS; suffix: before EOS), and where."""
+        assert self.soft is not None
+        n, tok = self.soft.shape[0], self.comp.tokenizer
+        ids = tokenize(tok, prompts, tok.model_max_length - n)  # as the stock pipeline truncates "<fairdiff> " + p
+        if self.cfg.soft_position == "prefix":
+            at = [1] * ids.shape[0]
+        else:  # before the first EOS (CLIP pads with EOS; a truncated prompt ends with one too)
+            at = [int((row == tok.eos_token_id).nonzero()[0]) for row in ids]
+        filler = torch.full((n,), tok.bos_token_id, dtype=ids.dtype)  # replaced by the soft rows in splice
+        return torch.stack([torch.cat([row[:a], filler, row[a:]]) for row, a in zip(ids, at)]), at
 
     def uncond(self, n: int) -> Tensor:
         """"" embeddings (n, L, D); text-encoder LoRA applies, soft tokens do not."""
@@ -277,8 +308,10 @@ class Adaptor:
         with atomic_dir(out_dir, overwrite=overwrite) as tmp:
             with self.ema_applied() if use_ema else contextlib.nullcontext():
                 files = self._write(tmp)
-            suffix = self.kind == "soft_prompt" and self.cfg.soft_position == "suffix"
-            usage = _USAGE["lora" if "lora" in files else "soft_prompt_suffix" if suffix else self.kind]
+            pos = self.cfg.soft_position if self.kind == "soft_prompt" else "prefix"
+            usage = _USAGE["lora" if "lora" in files else f"soft_prompt_{pos}" if pos != "prefix" else self.kind]
+            if pos == "replace":
+                usage = usage.replace("SOFT_REPLACE", json.dumps(self.cfg.soft_replace))
             meta = {
                 "base_model": self.comp.path, **metadata,
                 "format": "fairdiff-adaptor/1", "kind": self.kind, "rank": self.cfg.rank, "alpha": self.alpha,
@@ -295,7 +328,7 @@ def attach_adaptor(comp: Components, cfg: AdaptorConfig, seed: int = 0, init_wor
     return Adaptor(comp, cfg, seed=seed, init_word=init_word)
 
 
-def _read_meta(adaptor_dir: str) -> dict:
+def read_adaptor_meta(adaptor_dir: str) -> dict:
     root = Path(adaptor_dir)
     if not root.is_dir():
         raise ModelFileError(f"adaptor directory {adaptor_dir!r} does not exist; pass the adaptor/ folder of a "
@@ -324,7 +357,7 @@ def check_adaptor(adaptor_dir: str, model_path: str | None = None) -> dict:
 
     Cheap (no tensor is read), so every entry point calls it before any work. ModelFileError (one line) otherwise.
     """
-    meta = _read_meta(adaptor_dir)
+    meta = read_adaptor_meta(adaptor_dir)
     root = Path(adaptor_dir)
     redo = "re-export the adaptor (fairdiff debias writes it)"
     if not isinstance(meta, dict):
