@@ -126,6 +126,12 @@ class LossConfig(_Section):
     # synthetic world): blurring a face until it is no longer detected escapes the CE. Needs a detector with
     # ``presence_logit`` (faces.detector: synthetic).
     lambda_presence: float = Field(0.0, ge=0)
+    # Attributes NOT aligned that every image keeps from its original: lambda_preserve * CE(h_a(face(x_i)), r_i^a),
+    # r_i^a the original image's predicted class, on images where both have a face (empty = METHOD.md). Debiasing
+    # gender alone otherwise lets race and age drift (synthetic demo: old 0.18 -> 0.56) and the drift gives the
+    # train-time classifier easy, off-manifold routes to its targets.
+    preserve: list[str] = []
+    lambda_preserve: float = Field(1.0, ge=0)
 
 
 class FeaturesConfig(_Section):

@@ -74,6 +74,11 @@ def check_debias_inputs(cfg: FairDiffConfig) -> None:
     classes = classifier_classes(cfg.classifier, "classifier")
     check_target_classes(cfg.target, classes, f"classifier ({cfg.classifier.kind})")
     _check_loss_factors(cfg)
+    aligned = set(cfg.target_distribution().attributes)
+    for a in cfg.loss.preserve:
+        if a in aligned or a not in classes:
+            why = "is aligned by the target" if a in aligned else "is not predicted by the classifier"
+            raise ConfigError(f"loss.preserve: {a!r} {why}; list attributes of {sorted(set(classes) - aligned)}")
     check_detector(cfg.faces)
     _check_features(cfg)
     prompts = check_prompt_sets(cfg)

@@ -323,6 +323,17 @@ RUNTIME_CASES: list[tuple[str, Setup, str]] = [
      r"faces\.insightface_pack: .*nope is not a directory"),
     ("debias-face-pack-not-given", lambda t, w: _debias("faces.detector=insightface"),
      r"faces\.detector=insightface needs faces\.insightface_pack=DIR"),
+    ("debias-preserve-aligned", lambda t, w: _debias("loss.preserve=[gender]"),
+     r"loss\.preserve: 'gender' is aligned by the target; list attributes of \['age', 'race'\]"),
+    ("debias-soft-replace-not-in-prompts", lambda t, w: _debias(
+        "adaptor.kind=soft_prompt", "adaptor.soft_position=replace", "adaptor.soft_replace=a nurse",
+        "adaptor.soft_tokens=2"),
+     r"data\.prompt_sets \(split train\): prompt '.*' does not start with adaptor\.soft_replace 'a nurse'"),
+    ("debias-soft-replace-token-count", lambda t, w: _debias(
+        "adaptor.kind=soft_prompt", "adaptor.soft_position=replace", "adaptor.soft_replace=a photo of the face",
+        "adaptor.soft_tokens=9"),
+     r"adaptor\.soft_replace 'a photo of the face' is 5 tokens but adaptor\.soft_tokens is 9: set "
+     r"adaptor\.soft_tokens=5"),
     # adaptors
     ("evaluate-adaptor-dir-missing", lambda t, w: _evaluate(t, adaptors=(f"debiased={t / 'nope'}",)),
      r"--adaptor debiased=.*nope: no such adaptor directory"),

@@ -275,3 +275,40 @@ def test_presence_term_pulls_a_lost_face_back_and_needs_a_differentiable_detecto
     assert (after > before).all()
     with pytest.raises(ConfigError, match="lambda_presence"):
         FairnessLoss(FairDiffConfig(loss={"lambda_presence": 1.0}), nets["detector"], nets["classifier"], {})
+
+
+def test_preserve_term_holds_unaligned_attributes_at_the_original_class() -> None:
+    """loss.preserve: CE of the generated face's race / age towards the original image's predicted class."""
+    world = pytest.importorskip("fairdiff_ray.synthetic.world")
+    if not (world.DEFAULT_DIR / "detector.safetensors").is_file():
+        pytest.skip("the synthetic world's shipped nets are not built yet")
+    from fairdiff_ray.synthetic.render import render
+
+    n = 4
+    zeros = torch.zeros(n, dtype=torch.long).numpy()
+    ref = render(zeros, zeros + 1, zeros, zeros, seed=7)["images"]  # black skin
+    gen = render(zeros, zeros, zeros, zeros, seed=7)["images"]  # white skin, same everything else
+    no = {"gender": torch.full((n,), -1)}
+
+    def run(**loss):
+        fn = build_loss(FairDiffConfig(loss={"lambda_img": 0.0, **loss}))
+        images = gen.clone().requires_grad_()
+        value, m = fn(images, fn.score(images), fn.reference(ref), no, normalizer=n)
+        value.backward()
+        return fn, value.detach(), m, images.grad
+
+    _, v0, m0, g0 = run()
+    assert float(v0) == 0.0 and "loss_preserve" not in m0 and g0.abs().sum() == 0
+    fn, v1, m1, g1 = run(preserve=["race"])
+    assert fn.reference(ref)["labels"]["race"].tolist() == [1] * n  # the original's class is the target
+    assert m1["preserve_confident_race"] == 1.0 and m1["loss_preserve"] > 0.69  # gen is confidently white
+    torch.testing.assert_close(v1, torch.tensor(m1["loss_preserve"]))
+    _, v2, m2, _ = run(preserve=["race"], lambda_preserve=2.0)
+    torch.testing.assert_close(v2, 2 * v1)
+    with torch.no_grad():  # a step along -grad makes the generated faces more "black" to the classifier
+        before = torch.softmax(fn.score(gen).kept["race"], -1)[:, 1]
+        after = torch.softmax(fn.score((gen - 0.05 * g1 / g1.abs().max()).clamp(-1, 1)).kept["race"], -1)[:, 1]
+    assert (after > before).all()
+    for bad, why in ((["gender"], "is aligned by the target"), (["mood"], "is not predicted by the classifier")):
+        with pytest.raises(ConfigError, match=f"loss.preserve: '{bad[0]}' {why}"):
+            build_loss(FairDiffConfig(loss={"preserve": bad}))

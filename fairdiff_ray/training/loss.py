@@ -9,7 +9,9 @@ Notation (METHOD.md):
 
 Per image:  CE-sum over attributes  +  lambda_img * w_i * sum_nets (1 - cos(F(x_i), F(o_i)))
             +  lambda_face * (1 - cos(e(x_i), t_i))  [+ lambda_presence * -log P(face in x_i), an option:
-            on images whose original has a face, from a detector with a differentiable score].
+            on images whose original has a face, from a detector with a differentiable score]
+            [+ lambda_preserve * sum over a in loss.preserve of CE(h_a(face(x_i)), r_i^a), an option: attributes
+            not aligned keep the original's class, on images where both have a face].
 Every part is optional: L_img is active when feature nets are configured (and lambda_img > 0), L_face when a
 face embedder is (and lambda_face > 0). Gradients reach the images only through the active parts.
 
@@ -21,6 +23,7 @@ Images whose generated face was not found get no L_face (and no targets).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,11 +63,12 @@ class Scored:
     faces: Faces
     logits: dict[str, Tensor]
     probs: dict[str, Tensor]
+    kept: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # loss.preserve attribute -> (B, K) logits
 
     def select(self, rows: slice | Tensor) -> Scored:
         """The rows ``rows`` (a slice or index tensor) of every field (logits keep their gradients)."""
         return Scored(select_faces(self.faces, rows), {a: z[rows] for a, z in self.logits.items()},
-                      {a: p[rows] for a, p in self.probs.items()})
+                      {a: p[rows] for a, p in self.probs.items()}, {a: z[rows] for a, z in self.kept.items()})
 
 
 def select_faces(faces: Faces, rows: slice | Tensor) -> Faces:
@@ -133,6 +137,12 @@ class FairnessLoss:
             for key in ("mismatch_weight", "face_region_scale"):
                 if a not in getattr(cfg.loss, key):
                     raise ConfigError(f"loss.{key}.{a} is missing: give a factor in [0, 1] for attribute {a!r}")
+        self.preserve = list(cfg.loss.preserve)
+        for a in self.preserve:
+            if a in self.attributes or a not in classifier.attributes:
+                why = "is aligned by the target" if a in self.attributes else "is not predicted by the classifier"
+                raise ConfigError(f"loss.preserve: {a!r} {why}; list attributes of "
+                                  f"{sorted(set(classifier.attributes) - set(self.attributes))}")
         if face_bank is not None and (face_bank.dim() != 2 or face_bank.shape[0] == 0):
             raise ValueError(f"face_bank must be (M >= 1, D), got {tuple(face_bank.shape)}")
         self.use_img = bool(self.features) and cfg.loss.lambda_img > 0
@@ -161,10 +171,10 @@ class FairnessLoss:
         faces, crops = face_crops(
             images, self.detector, expand=self.classifier.crop_expand, size=self.classifier.input_size
         )
-        logits = _call(self.classifier, crops, self.checkpoint)
-        logits = {a: logits[a] for a in self.attributes}
+        out = _call(self.classifier, crops, self.checkpoint)
+        logits = {a: out[a] for a in self.attributes}
         probs = {a: torch.softmax(z.detach().float(), dim=-1) for a, z in logits.items()}
-        return Scored(faces=faces, logits=logits, probs=probs)
+        return Scored(faces=faces, logits=logits, probs=probs, kept={a: out[a] for a in self.preserve})
 
     @torch.no_grad()
     def reference(self, ref_images: Tensor) -> dict[str, Any]:
@@ -178,6 +188,9 @@ class FairnessLoss:
             pmax, arg = p.max(dim=-1)
             labels[a] = torch.where(found, arg, torch.full_like(arg, -1))
             conf = conf * pmax
+        for a, z in scored.kept.items():  # loss.preserve: the original's class, not part of the confidence
+            arg = z.argmax(dim=-1)
+            labels[a] = torch.where(found, arg, torch.full_like(arg, -1))
         feats = {name: net(ref_images).float() for name, net in self.features.items()} if self.use_img else {}
         emb = self._embed(ref_images, scored.faces) if self.use_face else None
         return {"faces": scored.faces, "labels": labels, "confidence": conf, "features": feats, "face_emb": emb}
@@ -238,6 +251,13 @@ class FairnessLoss:
             l_pres = (ref_found * torch.nn.functional.softplus(-logit)).sum() / normalizer
             total = total + self.cfg.loss.lambda_presence * l_pres
             metrics["loss_presence"] = float(l_pres.detach())
+        # (5) option: attributes not aligned keep the original image's class
+        if self.preserve:
+            keep = {a: torch.where(found, ref["labels"][a].to(dev), -1) for a in self.preserve}
+            l_keep, m = alignment_loss(scored.kept, keep, normalizer)
+            total = total + self.cfg.loss.lambda_preserve * l_keep
+            metrics["loss_preserve"] = float(l_keep.detach())
+            metrics.update({f"preserve_{k}": v for k, v in m.items()})
         metrics["loss"] = float(total.detach())
         return total, metrics
 
