@@ -132,6 +132,10 @@ class LossConfig(_Section):
     # train-time classifier easy, off-manifold routes to its targets.
     preserve: list[str] = []
     lambda_preserve: float = Field(1.0, ge=0)
+    # lambda_detail * |log E(x_i) - log E(o_i)|, E = the mean squared Laplacian of the luminance (core.losses.
+    # detail_energy), on every image (0 = METHOD.md): keeps the original's amount of fine detail. Finetuning
+    # through the chain can reach a target class by blurring (a vague halo of "hair" passes for long hair)
+    lambda_detail: float = Field(0.0, ge=0)
 
 
 class FeaturesConfig(_Section):

@@ -121,3 +121,24 @@ def test_box_intersection_and_expand():
     assert grown[1].tolist() == [0.0, 0.0, 2.5, 2.5]  # clipped at the image edge
     with pytest.raises(ValueError):
         expand_boxes(grown, -1.0, 8, 8)
+
+
+def test_detail_energy_falls_with_blur_and_detail_loss_is_zero_at_the_original() -> None:
+    from fairdiff_ray.core.losses import detail_energy, detail_loss
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 16, 16, generator=g) * 2 - 1
+    blur = torch.nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+    e, eb = detail_energy(x), detail_energy(blur)
+    assert e.shape == (3,) and (eb < 0.5 * e).all()
+    assert torch.allclose(detail_energy(torch.full((2, 1, 8, 8), 0.3)), torch.zeros(2))  # flat: no detail
+    torch.testing.assert_close(detail_loss(x, e), torch.zeros(3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(detail_loss(blur, e), (torch.log(eb + 1e-6) - torch.log(e + 1e-6)).abs())
+    b = blur.clone().requires_grad_()
+    detail_loss(b, e).sum().backward()
+    with torch.no_grad():  # a step along -grad sharpens
+        assert (detail_energy(b - 0.05 * b.grad / b.grad.abs().max()) > eb).all()
+    with pytest.raises(ValueError, match="detail_energy needs"):
+        detail_energy(torch.zeros(2, 4, 8, 8))
+    with pytest.raises(ValueError, match="does not match"):
+        detail_loss(x, e[:2])

@@ -72,6 +72,29 @@ def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 1.0 - F.cosine_similarity(a, b, dim=1, eps=1e-8)
 
 
+def detail_energy(images: torch.Tensor) -> torch.Tensor:
+    """(B,) mean squared response of the luminance to a 3x3 Laplacian: the images' fine detail (blur lowers it).
+
+    images: (B, C, H, W), C = 3 (RGB, luminance by the Rec. 601 weights) or 1; 'valid' borders (H, W >= 3).
+    """
+    if images.dim() != 4 or images.shape[1] not in (1, 3) or min(images.shape[-2:]) < 3:
+        raise ValueError(f"detail_energy needs (B, 1 or 3, H >= 3, W >= 3) images, got {tuple(images.shape)}")
+    x = images.float()
+    if x.shape[1] == 3:
+        x = (x * x.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    lap = x.new_tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+    return F.conv2d(x, lap).square().mean(dim=(1, 2, 3))
+
+
+def detail_loss(images: torch.Tensor, ref_energy: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(B,) |log E(x_i) - log E(o_i)| with E = detail_energy: 0 when x_i keeps its original's amount of fine
+    detail, growing as it blurs (or turns noisy). ref_energy: (B,) detail_energy of the originals (no grad)."""
+    e = detail_energy(images)
+    if ref_energy.shape != e.shape:
+        raise ValueError(f"detail_loss: ref_energy {tuple(ref_energy.shape)} does not match {tuple(e.shape)}")
+    return (torch.log(e + eps) - torch.log(ref_energy.to(e).detach() + eps)).abs()
+
+
 def mismatch_weights(
     targets: dict[str, torch.Tensor], ref_labels: dict[str, torch.Tensor], factors: dict[str, float]
 ) -> torch.Tensor:

@@ -11,7 +11,9 @@ Per image:  CE-sum over attributes  +  lambda_img * w_i * sum_nets (1 - cos(F(x_
             +  lambda_face * (1 - cos(e(x_i), t_i))  [+ lambda_presence * -log P(face in x_i), an option:
             on images whose original has a face, from a detector with a differentiable score]
             [+ lambda_preserve * sum over a in loss.preserve of CE(h_a(face(x_i)), r_i^a), an option: attributes
-            not aligned keep the original's class, on images where both have a face].
+            not aligned keep the original's class, on images where both have a face]
+            [+ lambda_detail * |log E(x_i) - log E(o_i)|, an option: E the fine-detail energy, keeps x_i as sharp
+            as its original].
 Every part is optional: L_img is active when feature nets are configured (and lambda_img > 0), L_face when a
 face embedder is (and lambda_face > 0). Gradients reach the images only through the active parts.
 
@@ -37,6 +39,8 @@ from fairdiff_ray.core.losses import (
     alignment_loss,
     box_intersection,
     cosine_distance,
+    detail_energy,
+    detail_loss,
     expand_boxes,
     mismatch_weights,
     scale_grad_in_boxes,
@@ -84,6 +88,7 @@ def select_reference(ref: dict[str, Any], rows: slice | Tensor) -> dict[str, Any
         "confidence": ref["confidence"][rows],
         "features": {k: v[rows] for k, v in ref["features"].items()},
         "face_emb": None if ref["face_emb"] is None else ref["face_emb"][rows],
+        "detail": None if ref.get("detail") is None else ref["detail"][rows],
     }
 
 
@@ -193,7 +198,9 @@ class FairnessLoss:
             labels[a] = torch.where(found, arg, torch.full_like(arg, -1))
         feats = {name: net(ref_images).float() for name, net in self.features.items()} if self.use_img else {}
         emb = self._embed(ref_images, scored.faces) if self.use_face else None
-        return {"faces": scored.faces, "labels": labels, "confidence": conf, "features": feats, "face_emb": emb}
+        detail = detail_energy(ref_images) if self.cfg.loss.lambda_detail > 0 else None
+        return {"faces": scored.faces, "labels": labels, "confidence": conf, "features": feats, "face_emb": emb,
+                "detail": detail}
 
     def _embed(self, images: Tensor, faces: Faces) -> Tensor:
         h, w = images.shape[-2:]
@@ -251,7 +258,12 @@ class FairnessLoss:
             l_pres = (ref_found * torch.nn.functional.softplus(-logit)).sum() / normalizer
             total = total + self.cfg.loss.lambda_presence * l_pres
             metrics["loss_presence"] = float(l_pres.detach())
-        # (5) option: attributes not aligned keep the original image's class
+        # (5) option: keep the original's amount of fine detail (no blurring into a class)
+        if self.cfg.loss.lambda_detail > 0:
+            l_det = detail_loss(images, ref["detail"].to(dev)).sum() / normalizer
+            total = total + self.cfg.loss.lambda_detail * l_det
+            metrics["loss_detail"] = float(l_det.detach())
+        # (6) option: attributes not aligned keep the original image's class
         if self.preserve:
             keep = {a: torch.where(found, ref["labels"][a].to(dev), -1) for a in self.preserve}
             l_keep, m = alignment_loss(scored.kept, keep, normalizer)
