@@ -226,13 +226,16 @@ class Pool:
                     self.landmarks[idx], self.face[idx])  # fmt: skip
 
 
-def render_pool(n: int, seed: object, face_prob: float = 1.0, chunk: int = 512) -> Pool:
-    """``n`` renders with uniform attributes and content; chunk i uses render seed stable_seed(seed, i)."""
+def render_pool(n: int, seed: object, face_prob: float = 1.0, chunk: int = 512, flip_gender: bool = False) -> Pool:
+    """``n`` renders with uniform attributes and content; chunk i uses render seed stable_seed(seed, i).
+    ``flip_gender``: the same scenes (same seed, nuisance and other attributes) with the other gender."""
     parts = []
     for i in range(math.ceil(n / chunk)):
         m = min(chunk, n - i * chunk)
         s = stable_seed("synthetic-nets-pool", seed, i)
         a = sample_batch(m, s % (1 << 32), face_prob=face_prob)
+        if flip_gender:
+            a["gender"] = 1 - a["gender"]
         out = render(a["gender"], a["race"], a["age"], a["content"], seed=s, face=a["face"])
         parts.append((a, out))
     cat = lambda k: torch.cat([torch.nan_to_num(o[k]) for _, o in parts])  # noqa: E731
@@ -351,19 +354,45 @@ def detector_boxes(detector: SyntheticDetector, x: torch.Tensor) -> torch.Tensor
     return torch.where(faces.found[:, None], faces.boxes, whole)
 
 
+def blend_labels(y: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """(B, 2) soft labels of blends a * render + (1 - a) * twin: ``a`` on the render's class y, 1 - a on the other."""
+    return torch.where(y[:, None] == torch.arange(2, device=y.device), a[:, None], 1 - a[:, None])
+
+
 def classifier_loss(net: ConvNet, pool: Pool, detector: nn.Module, expand: float, batch: int = 128,
-                    strength: float = 1.0, jitter: float = 0.06):  # fmt: skip
-    """Cross-entropy per attribute on crops of the detector's box (plus a little box jitter), as at run time."""
+                    strength: float = 1.0, jitter: float = 0.06, flipped: Pool | None = None,
+                    gender_mix: float = 0.0):  # fmt: skip
+    """Cross-entropy per attribute on crops of the detector's box (plus a little box jitter), as at run time.
+
+    ``gender_mix`` (with ``flipped``, the same scenes as ``pool`` with the other gender): that fraction of every
+    batch is a pixel blend a * render + (1 - a) * its other-gender twin, a ~ U(0, 1), with the soft gender label
+    (a, 1 - a): the net learns to call an in-between image in-between (p ~ a) instead of confidently one gender,
+    so a generator cannot reach a gender target with a faint, blurred halo of hair.
+    """
+    if gender_mix > 0 and (flipped is None or len(flipped) != len(pool)):
+        raise ValueError("classifier_loss: gender_mix needs ``flipped``, the pool's scenes with the other gender")
 
     def loss_fn(g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        sub, x = _batch(pool, g, batch, strength)
+        soft = None
+        if gender_mix > 0:
+            assert flipped is not None
+            idx = torch.randint(len(pool), (batch,), generator=g)
+            sub = pool.take(idx)
+            blend = torch.rand(batch, generator=g) < gender_mix
+            a = torch.where(blend, torch.rand(batch, generator=g), torch.ones(batch))
+            w = a[:, None, None, None]
+            x = augment(w * sub.images + (1 - w) * flipped.images[idx], g, strength)
+            soft = blend_labels(sub.labels["gender"], a)
+        else:
+            sub, x = _batch(pool, g, batch, strength)
         with torch.no_grad():
             boxes = detector_boxes(detector, x)
         side = (boxes[:, 2:] - boxes[:, :2]).amax(1, keepdim=True)
         boxes = boxes + (torch.rand(batch, 4, generator=g) - 0.5) * 2 * jitter * side
         out = net(crop_square(x, boxes, expand=expand, size=SIZE))
-        parts = {a: F.cross_entropy(out[a], sub.labels[a]) for a in ATTRIBUTES}
-        return sum(parts.values()), {a: v.item() for a, v in parts.items()}
+        parts = {k: F.cross_entropy(out[k], soft if k == "gender" and soft is not None else sub.labels[k])
+                 for k in ATTRIBUTES}
+        return sum(parts.values()), {k: v.item() for k, v in parts.items()}
 
     return loss_fn
 

@@ -54,6 +54,9 @@ class TrainSpec:
     fidelity_steps: int = 250
     lr: float = 3e-3
     scale: float = 1.0
+    # fraction of the train-time classifier's batches that are gender blends with soft labels (nets.classifier_loss);
+    # the eval-time classifier trains on plain renders only
+    gender_mix: float = 0.5
 
     def n(self, field: str) -> int:
         return max(1, int(round(getattr(self, field) * self.scale)))
@@ -110,15 +113,61 @@ def timer(log: Callable[[str], None], what: str) -> Iterator[None]:
     log(f"{what}: {time.perf_counter() - t:.0f} s")
 
 
+def _seed(spec: TrainSpec) -> Callable[..., int]:
+    return lambda *parts: stable_seed("synthetic-nets", spec.seed, *parts) % (1 << 31)
+
+
+def train_classifier(out_dir: str | Path, spec: TrainSpec, variant: str, det: SyntheticDetector, test: Pool,
+                     log: Callable[[str], None] = print) -> dict:  # fmt: skip
+    """Train and save ``classifier-<variant>`` on crops of ``det``'s boxes; its measurements on ``test``.
+
+    train: pool A's faces, ``spec.gender_mix`` of each batch gender blends (soft labels); eval: pool B, plain."""
+    s = _seed(spec)
+    name = f"classifier-{variant}"
+    flipped = None
+    with timer(log, f"{name} pool"):
+        if variant == "train":
+            pool_a = render_pool(spec.n("pool_a"), s("pool-a"), face_prob=0.7)
+            keep = torch.nonzero(pool_a.face)[:, 0]
+            pool = pool_a.take(keep)
+            if spec.gender_mix > 0:
+                flipped = render_pool(spec.n("pool_a"), s("pool-a"), face_prob=0.7, flip_gender=True).take(keep)
+        else:
+            pool = render_pool(spec.n("pool_b"), s("pool-b"))
+    clf = build_net(name, s("init", name))
+    mix = spec.gender_mix if variant == "train" else 0.0
+    with timer(log, name):
+        loss = classifier_loss(clf.net, pool, det, clf.crop_expand, spec.batch, flipped=flipped, gender_mix=mix)
+        fit(clf.net, loss, spec.n("classifier_steps"), spec.lr, s("fit", name), log)
+    clf.eval()
+    measured = {"clean": measure_classifier(clf, det, test), "augmented": measure_classifier(clf, det, test, True)}
+    save_net(clf, out_dir, name, {"measured": measured, "gender_mix": mix})
+    log(f"{name}: {measured}")
+    return measured
+
+
+def retrain_classifier(out_dir: str | Path, spec: TrainSpec, variant: str, log: Callable[[str], None] = print) -> dict:
+    """Retrain one classifier in an existing nets directory (its detector kept); metrics.json updated."""
+    from fairdiff_ray.synthetic.world import load_detector
+
+    torch.set_num_threads(spec.threads)
+    metrics_file = Path(out_dir) / "metrics.json"
+    metrics = json.loads(metrics_file.read_text())
+    test = render_pool(spec.n("test"), _seed(spec)("test"), face_prob=0.8)
+    det = load_detector(str(out_dir))
+    metrics[f"classifier-{variant}"] = train_classifier(out_dir, spec, variant, det, test, log)
+    metrics["spec"] = asdict(spec)
+    atomic_write_text(metrics_file, json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
 def train_all(out_dir: str | Path, spec: TrainSpec = TrainSpec(), log: Callable[[str], None] = print) -> dict:
     """Train the five nets, save ``<name>.safetensors`` / ``.json`` and ``metrics.json`` in ``out_dir``."""
     torch.set_num_threads(spec.threads)
-    s = lambda *parts: stable_seed("synthetic-nets", spec.seed, *parts) % (1 << 31)  # noqa: E731
+    s = _seed(spec)
     with timer(log, "render pools"):
         pool_a = render_pool(spec.n("pool_a"), s("pool-a"), face_prob=0.7)
-        pool_b = render_pool(spec.n("pool_b"), s("pool-b"))
         test = render_pool(spec.n("test"), s("test"), face_prob=0.8)
-    faces_a = pool_a.take(torch.nonzero(pool_a.face)[:, 0])
     lr, b = spec.lr, spec.batch
     metrics: dict = {"spec": asdict(spec)}
 
@@ -130,16 +179,8 @@ def train_all(out_dir: str | Path, spec: TrainSpec = TrainSpec(), log: Callable[
     save_net(det, out_dir, "detector", {"measured": metrics["detector"]})
     log(f"detector: {metrics['detector']}")
 
-    for variant, pool in (("train", faces_a), ("eval", pool_b)):
-        name = f"classifier-{variant}"
-        clf = build_net(name, s("init", name))
-        with timer(log, name):
-            loss = classifier_loss(clf.net, pool, det, clf.crop_expand, b)
-            fit(clf.net, loss, spec.n("classifier_steps"), lr, s("fit", name), log)
-        clf.eval()
-        metrics[name] = {"clean": measure_classifier(clf, det, test), "augmented": measure_classifier(clf, det, test, True)}
-        save_net(clf, out_dir, name, {"measured": metrics[name]})
-        log(f"{name}: {metrics[name]}")
+    for variant in ("train", "eval"):
+        metrics[f"classifier-{variant}"] = train_classifier(out_dir, spec, variant, det, test, log)
 
     feats = build_net("features", s("init", "features"))
     with torch.random.fork_rng(devices=[]):  # the auxiliary heads' init is seeded too
