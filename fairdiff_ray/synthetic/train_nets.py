@@ -292,6 +292,10 @@ def write_card(out_dir: str | Path, metrics: dict, on_model: dict | None = None)
         m = metrics[name]
         accs = ", ".join(f"{a} {_pct(m['clean'][a])} / {_pct(m['augmented'][a])}" for a in ATTRIBUTES)
         lines.append(f"- {name} (through detect -> crop -> classify): {accs}")
+    if sp.get("gender_mix", 0) > 0:
+        lines.append(f"- classifier-train also learned gender blends: {_pct(sp['gender_mix'])} of every batch is "
+                     "a * render + (1 - a) * the same scene with the other gender, labelled (a, 1 - a), so an "
+                     "in-between image reads as in-between (the eval-time classifier saw plain renders only)")
     lines.append(f"- features: content linear head {_pct(metrics['features']['content_probe_clean'])}")
     fid = metrics["fidelity"]
     lines.append(f"- fidelity: content accuracy {_pct(fid['clean'])} / {_pct(fid['augmented'])}")
