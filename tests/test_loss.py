@@ -217,9 +217,7 @@ def test_activation_checkpointing_gives_the_same_gradients(nets, photos) -> None
 
 
 def test_full_loss_on_the_synthetic_world() -> None:
-    world = pytest.importorskip("fairdiff_ray.synthetic.world")
-    if not (world.DEFAULT_DIR / "detector.safetensors").is_file():
-        pytest.skip("the synthetic world's shipped nets are not built yet")
+    _need_synthetic_nets()
     from fairdiff_ray.synthetic.render import render
 
     n = 8
@@ -241,11 +239,15 @@ def test_full_loss_on_the_synthetic_world() -> None:
     assert torch.isfinite(images.grad).all() and images.grad[6:].abs().sum() > 0  # L_img reaches faceless rows
 
 
-def test_presence_term_pulls_a_lost_face_back_and_needs_a_differentiable_detector(nets) -> None:
-    """lambda_presence: -log P(face) from the synthetic detector on images whose original has a face."""
+def _need_synthetic_nets() -> None:
     world = pytest.importorskip("fairdiff_ray.synthetic.world")
     if not (world.DEFAULT_DIR / "detector.safetensors").is_file():
         pytest.skip("the synthetic world's shipped nets are not built yet")
+
+
+def test_presence_term_pulls_a_lost_face_back_and_needs_a_differentiable_detector(nets) -> None:
+    """lambda_presence: -log P(face) from the synthetic detector on images whose original has a face."""
+    _need_synthetic_nets()
     from fairdiff_ray.synthetic.render import render
 
     n = 4
@@ -279,9 +281,7 @@ def test_presence_term_pulls_a_lost_face_back_and_needs_a_differentiable_detecto
 
 def test_preserve_term_holds_unaligned_attributes_at_the_original_class() -> None:
     """loss.preserve: CE of the generated face's race / age towards the original image's predicted class."""
-    world = pytest.importorskip("fairdiff_ray.synthetic.world")
-    if not (world.DEFAULT_DIR / "detector.safetensors").is_file():
-        pytest.skip("the synthetic world's shipped nets are not built yet")
+    _need_synthetic_nets()
     from fairdiff_ray.synthetic.render import render
 
     n = 4
@@ -316,9 +316,7 @@ def test_preserve_term_holds_unaligned_attributes_at_the_original_class() -> Non
 
 def test_detail_term_penalises_a_blurred_image_against_its_sharp_original() -> None:
     """loss.lambda_detail: |log E(x_i) - log E(o_i)| of the fine-detail energy, on every image."""
-    world = pytest.importorskip("fairdiff_ray.synthetic.world")
-    if not (world.DEFAULT_DIR / "detector.safetensors").is_file():
-        pytest.skip("the synthetic world's shipped nets are not built yet")
+    _need_synthetic_nets()
     from fairdiff_ray.core.losses import detail_energy
     from fairdiff_ray.synthetic.render import render
 
