@@ -69,6 +69,7 @@ class AdaptorConfig(_Section):
     # soft_tokens must equal their token count), initialised to exactly their embeddings, so no position moves and
     # the untrained adaptor is the base model. Export usage: prompt.replace(soft_replace, "<fairdiff>", 1)
     soft_replace: str | None = None
+    ema_decay: float = Field(0.996, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _replace(self) -> AdaptorConfig:
@@ -76,7 +77,6 @@ class AdaptorConfig(_Section):
             raise ValueError("adaptor.soft_replace must name the words the soft tokens replace when "
                              "adaptor.soft_position is 'replace' (e.g. 'A photo of the face')")
         return self
-    ema_decay: float = Field(0.996, ge=0, lt=1)
 
 
 class SamplerConfig(_Section):

@@ -11,7 +11,7 @@ UserError naming the file / key / value; prompts the tokenizer will truncate pri
 
 from __future__ import annotations
 
-from fairdiff_ray.config import FairDiffConfig
+from fairdiff_ray.config import AdaptorConfig, FairDiffConfig
 from fairdiff_ray.errors import ConfigError, ModelFileError
 
 
@@ -45,22 +45,20 @@ def _warn_long(cfg: FairDiffConfig, prompts: list[list[str]], reserved: int = 0)
         warn_long_prompts(tokenizer, ps_prompts, f"data.prompt_sets.{i} ({ps.path})", reserved)
 
 
-def check_soft_replace(cfg_adaptor: dict | object, model_path: str, prompts: list[list[str]], where: str) -> None:
+def check_soft_replace(adaptor: AdaptorConfig, model_path: str, prompts: list[list[str]], where: str) -> None:
     """A soft prompt with ``soft_position: replace``: its words are ``soft_tokens`` tokens and start every prompt."""
-    get = cfg_adaptor.get if isinstance(cfg_adaptor, dict) else lambda k: getattr(cfg_adaptor, k)
-    if get("kind") != "soft_prompt" or get("soft_position") != "replace":
+    if adaptor.kind != "soft_prompt" or adaptor.soft_position != "replace":
         return
+    from fairdiff_ray.models.adaptors import soft_replace_ids
     from fairdiff_ray.models.sd import load_tokenizer
 
-    tok, text, n = load_tokenizer(model_path), str(get("soft_replace")), int(get("soft_tokens"))
-    want = list(tok(text, add_special_tokens=False).input_ids)
-    if len(want) != n:
-        raise ConfigError(f"adaptor.soft_replace {text!r} is {len(want)} tokens but adaptor.soft_tokens is {n}: "
-                          f"set adaptor.soft_tokens={len(want)}")
+    tok = load_tokenizer(model_path)
+    want = soft_replace_ids(tok, adaptor)
+    assert want is not None
     for p in (p for ps in prompts for p in ps):
-        if list(tok(p).input_ids[1 : 1 + n]) != want:
-            raise ConfigError(f"{where}: prompt {p!r} does not start with adaptor.soft_replace {text!r}; use prompts "
-                              "that do, or adaptor.soft_position prefix or suffix")
+        if list(tok(p).input_ids[1 : 1 + len(want)]) != want:
+            raise ConfigError(f"{where}: prompt {p!r} does not start with adaptor.soft_replace "
+                              f"{adaptor.soft_replace!r}; use prompts that do, or adaptor.soft_position prefix or suffix")
 
 
 def check_debias_inputs(cfg: FairDiffConfig) -> None:
@@ -74,11 +72,9 @@ def check_debias_inputs(cfg: FairDiffConfig) -> None:
     classes = classifier_classes(cfg.classifier, "classifier")
     check_target_classes(cfg.target, classes, f"classifier ({cfg.classifier.kind})")
     _check_loss_factors(cfg)
-    aligned = set(cfg.target_distribution().attributes)
-    for a in cfg.loss.preserve:
-        if a in aligned or a not in classes:
-            why = "is aligned by the target" if a in aligned else "is not predicted by the classifier"
-            raise ConfigError(f"loss.preserve: {a!r} {why}; list attributes of {sorted(set(classes) - aligned)}")
+    from fairdiff_ray.training.loss import check_preserve
+
+    check_preserve(cfg.loss.preserve, list(cfg.target_distribution().attributes), list(classes))
     check_detector(cfg.faces)
     _check_features(cfg)
     prompts = check_prompt_sets(cfg)
@@ -113,5 +109,7 @@ def check_eval_inputs(cfg: FairDiffConfig, adaptors: dict[str, str], models: boo
         from fairdiff_ray.models.adaptors import read_adaptor_meta
 
         for name, path in adaptors.items():
-            check_soft_replace(read_adaptor_meta(path).get("adaptor", {}), cfg.model.path, prompts, f"adaptor {name}")
+            meta = read_adaptor_meta(path).get("adaptor")
+            if isinstance(meta, dict):  # check_adaptor (above) vouched for the rest of the export
+                check_soft_replace(AdaptorConfig(**meta), cfg.model.path, prompts, f"adaptor {name}")
         _warn_long(cfg, prompts)

@@ -236,7 +236,7 @@ def test_soft_prompt_replace_starts_as_the_base_model_and_checks_its_words(model
         assert torch.equal(images(ad), base_images(comp))
     with pytest.raises(ValueError, match="does not start with adaptor.soft_replace"):
         ad.encode(["a nurse, a photo of the face"])
-    with pytest.raises(ValueError, match="set soft_tokens to 5"):
+    with pytest.raises(ConfigError, match="set adaptor.soft_tokens=5"):
         attach_adaptor(load_components(str(model_dir)), cfg("soft_prompt_replace").model_copy(update={"soft_tokens": 3}))
     with pytest.raises(ValidationError, match="soft_replace"):
         AdaptorConfig(kind="soft_prompt", soft_position="replace")
@@ -245,7 +245,7 @@ def test_soft_prompt_replace_starts_as_the_base_model_and_checks_its_words(model
     with pytest.raises(ConfigError, match="set: prompt 'a nurse' does not start with"):
         check_soft_replace(good, str(model_dir), [[PROMPT, "a nurse"]], "set")
     with pytest.raises(ConfigError, match="set adaptor.soft_tokens=5"):
-        check_soft_replace(good.model_dump() | {"soft_tokens": 4}, str(model_dir), [[PROMPT]], "set")
+        check_soft_replace(good.model_copy(update={"soft_tokens": 4}), str(model_dir), [[PROMPT]], "set")
 
 
 def test_load_adaptor_errors_are_model_file_errors(model_dir: Path, tmp_path: Path) -> None:

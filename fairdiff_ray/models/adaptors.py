@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from fairdiff_ray.config import AdaptorConfig
-from fairdiff_ray.errors import ModelFileError
+from fairdiff_ray.errors import ConfigError, ModelFileError
 from fairdiff_ray.io import atomic_dir
 from fairdiff_ray.models.sd import Components, encode_ids, encode_prompts, tokenize
 
@@ -96,6 +96,8 @@ class Adaptor:
         gen = torch.Generator("cpu").manual_seed(int(seed))
         for name in _lora_modules(self.kind):
             self._add_lora(name, gen)
+        # replace position: the token ids the soft rows stand in for (checked against every encoded prompt)
+        self._replace = soft_replace_ids(comp.tokenizer, cfg)
         if self.kind == "soft_prompt":
             self.soft = torch.nn.Parameter(self._soft_init(init_word, gen))
         for name in {"full_unet": ("unet",), "full_text": ("text_encoder",)}.get(self.kind, ()):
@@ -124,19 +126,10 @@ class Adaptor:
                 a.copy_((torch.rand(a.shape, generator=gen) * 2 - 1) * bound)
         module.eval()
 
-    def _replace_ids(self) -> list[int]:
-        """Token ids of ``soft_replace`` (replace position); their count must be ``soft_tokens``."""
-        text = str(self.cfg.soft_replace)
-        ids = list(self.comp.tokenizer(text, add_special_tokens=False).input_ids)
-        if len(ids) != self.cfg.soft_tokens:
-            raise ValueError(f"adaptor.soft_replace {text!r} is {len(ids)} tokens but adaptor.soft_tokens is "
-                             f"{self.cfg.soft_tokens}: set soft_tokens to {len(ids)}")
-        return ids
-
     def _soft_init(self, word: str, gen: torch.Generator) -> Tensor:
         emb = self.comp.text_encoder.get_input_embeddings().weight.detach().float().cpu()
-        if self.cfg.soft_position == "replace":
-            return emb[self._replace_ids()].clone().to(self.comp.text_encoder.device)
+        if self._replace is not None:
+            return emb[self._replace].clone().to(self.comp.text_encoder.device)
         ids = self.comp.tokenizer(word, add_special_tokens=False).input_ids
         base = emb[ids].mean(0) if ids else emb.mean(0)
         noise = torch.randn((self.cfg.soft_tokens, emb.shape[1]), generator=gen) * 0.01 * float(emb.std())
@@ -172,9 +165,9 @@ class Adaptor:
             return encode_prompts(self.comp.tokenizer, self.comp.text_encoder, prompts)
         n, tok = self.soft.shape[0], self.comp.tokenizer
         soft = self.soft
-        if self.cfg.soft_position == "replace":
+        if self._replace is not None:
             ids = tokenize(tok, prompts, tok.model_max_length)
-            want = torch.tensor(self._replace_ids(), dtype=ids.dtype)
+            want = torch.tensor(self._replace, dtype=ids.dtype)
             for p, row in zip(prompts, ids):
                 if not torch.equal(row[1 : 1 + n], want):
                     raise ValueError(f"prompt {p!r} does not start with adaptor.soft_replace "
@@ -321,6 +314,19 @@ class Adaptor:
                 "seed": self.seed, "ema": bool(use_ema), "files": files, "usage": usage,
             }
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def soft_replace_ids(tokenizer: Any, cfg: AdaptorConfig) -> list[int] | None:
+    """Token ids of ``cfg.soft_replace`` for a soft prompt at the replace position (else None); ConfigError when
+    their count is not ``cfg.soft_tokens``."""
+    if cfg.kind != "soft_prompt" or cfg.soft_position != "replace":
+        return None
+    text = str(cfg.soft_replace)
+    ids = list(tokenizer(text, add_special_tokens=False).input_ids)
+    if len(ids) != cfg.soft_tokens:
+        raise ConfigError(f"adaptor.soft_replace {text!r} is {len(ids)} tokens but adaptor.soft_tokens is "
+                          f"{cfg.soft_tokens}: set adaptor.soft_tokens={len(ids)}")
+    return ids
 
 
 def attach_adaptor(comp: Components, cfg: AdaptorConfig, seed: int = 0, init_word: str = INIT_WORD) -> Adaptor:

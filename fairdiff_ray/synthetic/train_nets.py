@@ -118,16 +118,18 @@ def _seed(spec: TrainSpec) -> Callable[..., int]:
 
 
 def train_classifier(out_dir: str | Path, spec: TrainSpec, variant: str, det: SyntheticDetector, test: Pool,
-                     log: Callable[[str], None] = print) -> dict:  # fmt: skip
+                     log: Callable[[str], None] = print, pool_a: Pool | None = None) -> dict:  # fmt: skip
     """Train and save ``classifier-<variant>`` on crops of ``det``'s boxes; its measurements on ``test``.
 
-    train: pool A's faces, ``spec.gender_mix`` of each batch gender blends (soft labels); eval: pool B, plain."""
+    train: pool A's faces (``pool_a`` when the caller rendered it already), ``spec.gender_mix`` of each batch
+    gender blends (soft labels); eval: pool B, plain."""
     s = _seed(spec)
     name = f"classifier-{variant}"
     flipped = None
     with timer(log, f"{name} pool"):
         if variant == "train":
-            pool_a = render_pool(spec.n("pool_a"), s("pool-a"), face_prob=0.7)
+            if pool_a is None:
+                pool_a = render_pool(spec.n("pool_a"), s("pool-a"), face_prob=0.7)
             keep = torch.nonzero(pool_a.face)[:, 0]
             pool = pool_a.take(keep)
             if spec.gender_mix > 0:
@@ -180,7 +182,7 @@ def train_all(out_dir: str | Path, spec: TrainSpec = TrainSpec(), log: Callable[
     log(f"detector: {metrics['detector']}")
 
     for variant in ("train", "eval"):
-        metrics[f"classifier-{variant}"] = train_classifier(out_dir, spec, variant, det, test, log)
+        metrics[f"classifier-{variant}"] = train_classifier(out_dir, spec, variant, det, test, log, pool_a)
 
     feats = build_net("features", s("init", "features"))
     with torch.random.fork_rng(devices=[]):  # the auxiliary heads' init is seeded too

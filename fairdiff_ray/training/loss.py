@@ -75,6 +75,15 @@ class Scored:
                       {a: p[rows] for a, p in self.probs.items()}, {a: z[rows] for a, z in self.kept.items()})
 
 
+def check_preserve(preserve: list[str], aligned: list[str], predicted: list[str]) -> None:
+    """loss.preserve lists attributes the classifier predicts and the target does not align (ConfigError)."""
+    for a in preserve:
+        if a in aligned or a not in predicted:
+            why = "is aligned by the target" if a in aligned else "is not predicted by the classifier"
+            raise ConfigError(f"loss.preserve: {a!r} {why}; list attributes of "
+                              f"{sorted(set(predicted) - set(aligned))}")
+
+
 def select_faces(faces: Faces, rows: slice | Tensor) -> Faces:
     return Faces(boxes=faces.boxes[rows], scores=faces.scores[rows], landmarks=faces.landmarks[rows],
                  found=faces.found[rows])
@@ -143,11 +152,7 @@ class FairnessLoss:
                 if a not in getattr(cfg.loss, key):
                     raise ConfigError(f"loss.{key}.{a} is missing: give a factor in [0, 1] for attribute {a!r}")
         self.preserve = list(cfg.loss.preserve)
-        for a in self.preserve:
-            if a in self.attributes or a not in classifier.attributes:
-                why = "is aligned by the target" if a in self.attributes else "is not predicted by the classifier"
-                raise ConfigError(f"loss.preserve: {a!r} {why}; list attributes of "
-                                  f"{sorted(set(classifier.attributes) - set(self.attributes))}")
+        check_preserve(self.preserve, self.attributes, list(classifier.attributes))
         if face_bank is not None and (face_bank.dim() != 2 or face_bank.shape[0] == 0):
             raise ValueError(f"face_bank must be (M >= 1, D), got {tuple(face_bank.shape)}")
         self.use_img = bool(self.features) and cfg.loss.lambda_img > 0
