@@ -27,11 +27,13 @@ def _fmt(v: float | None) -> str:
 
 
 def before_after_table(summary: dict[str, Any]) -> str:
-    """Markdown table: one row per model; bias per attribute (mean +- std), face rate, semantics."""
+    """Markdown table: one row per model; bias per attribute (mean +- std), face rate, the share of uncertain
+    (in-between) images of each aligned attribute, semantics."""
     models = summary["models"]
     attrs = list(next(iter(models.values()))["bias"])
     sems = sorted({k for m in models.values() for k in m.get("semantics", {})})
-    head = ["model", *[f"bias {a}" for a in attrs], "face rate", *sems]
+    unc = [a for a in summary.get("target", {}) if all(a in m.get("uncertain", {}) for m in models.values())]
+    head = ["model", *[f"bias {a}" for a in attrs], "face rate", *[f"uncertain {a}" for a in unc], *sems]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in models.items():
         cells = [name]
@@ -39,6 +41,7 @@ def before_after_table(summary: dict[str, Any]) -> str:
             b = m["bias"][a]
             cells.append("-" if b["mean"] is None else f"{b['mean']:.3f} ± {b['std']:.3f}")
         cells.append(f"{m['face_rate']:.3f}")
+        cells += [_fmt(m["uncertain"][a]).strip() for a in unc]
         cells += [_fmt(m.get("semantics", {}).get(s)).strip() for s in sems]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -113,6 +113,32 @@ def test_non_uniform_target() -> None:
         summarize(r, attrs, bad, "test")
 
 
+def test_uncertain_share_per_prompt_then_average() -> None:
+    """uncertain.<a>: share of face images whose top probability is < 0.9, per prompt, then the mean; it shows
+    in the demo table and the report's Table 1 for the aligned attributes."""
+    from fairdiff_ray.demo import before_after_table
+    from fairdiff_ray.eval.report import table1
+
+    attrs = {"gender": ["female", "male"]}
+    probs = {"A": [[0.95, 0.05], [0.5, 0.5], [0.2, 0.8], [0.0, 1.0]],  # 2 of 4 below 0.9
+             "B": [[0.6, 0.4], [0.97, 0.03], [0.1, 0.9], [0.3, 0.7]]}   # the 3rd has no face: 2 of 3
+    found = {"A": [True] * 4, "B": [True, True, False, True]}
+    r = pd.DataFrame([{"model": m, "concept": "c", "prompt": pr, "j": j, "face_found": found[pr][j],
+                       "label_gender": int(np.argmax(p)) if found[pr][j] else -1, "prob_gender": p}
+                      for m in ("base", "debiased") for pr, ps in probs.items() for j, p in enumerate(ps)])
+    target = TargetDistribution.from_spec({"gender": {"classes": ["female", "male"], "probs": [0.5, 0.5]}})
+    s, pp = summarize(r, attrs, target, "test")
+    got = pp.set_index(["model", "prompt"])["uncertain.gender"]
+    assert got[("base", "A")] == pytest.approx(0.5) and got[("base", "B")] == pytest.approx(2 / 3)
+    assert s["models"]["debiased"]["uncertain"]["gender"] == pytest.approx((0.5 + 2 / 3) / 2)
+    assert "uncertain gender" in before_after_table(s).splitlines()[0]
+    header, rows = table1(s)
+    assert rows[0][header.index("uncertain gender")] == ".58"
+    # records without probabilities (older parts) have no uncertain entry
+    s2, _ = summarize(r.drop(columns=["prob_gender"]), attrs, target, "test")
+    assert "uncertain" not in s2["models"]["base"] and "uncertain" not in before_after_table(s2)
+
+
 def test_target_gap_missing_frequency_is_none() -> None:
     assert target_gap({"a": None, "b": 1.0}, {"a": 0.5, "b": 0.5}) is None
 

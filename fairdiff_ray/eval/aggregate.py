@@ -8,7 +8,9 @@ Notation: for one model and one prompt P with images i = 1..M,
 - a prompt with no face at all has no frequencies: it is left out of the means (and counted).
 Reported: mean and std (population, ddof=0) of bias_a(P) over prompts, the mean of freq_a(P) over prompts,
 the face-detection rate (mean over prompts of |F(P)| / M) and each semantic metric (mean over prompts of the
-per-prompt mean).
+per-prompt mean). Beside them, where the records hold the classifier's probabilities, ``uncertain_a``: the mean over
+prompts of the share of F(P) whose top class probability is below UNCERTAIN_P - in-between images (a blend of
+two classes) that an argmax counts as one or the other, so a low bias with many of them is not a clean result.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ import torch
 
 from fairdiff_ray.core.metrics import bias, bias_over_prompts, frequencies, joint_bias
 from fairdiff_ray.core.targets import TargetDistribution
-from fairdiff_ray.eval.records import joint_name, label_col
+from fairdiff_ray.eval.records import joint_name, label_col, prob_col
 
 BASE = "base"
+UNCERTAIN_P = 0.9  # an image whose top eval-classifier probability is below this counts as uncertain
 
 
 def joint_attribute_sets(attributes: dict[str, list[str]], target: TargetDistribution | None) -> list[list[str]]:
@@ -49,6 +52,9 @@ def _prompt_row(g: pd.DataFrame, attributes: dict[str, list[str]], joints: list[
         for k, c in enumerate(classes):
             row[f"freq.{a}.{c}"] = float(freq[k])
         row[f"bias.{a}"] = bias(labels[a], len(classes))
+        if prob_col(a) in g.columns:
+            top = [float(np.max(p)) for p, f in zip(g[prob_col(a)], found) if f]
+            row[f"uncertain.{a}"] = float(np.mean(np.asarray(top) < UNCERTAIN_P)) if top else math.nan
     for names in joints:
         row[f"bias.{joint_name(names)}"] = joint_bias({a: labels[a] for a in names},
                                                       {a: len(attributes[a]) for a in names})
@@ -63,7 +69,7 @@ def per_prompt(
     records: pd.DataFrame, attributes: dict[str, list[str]], joints: list[list[str]]
 ) -> pd.DataFrame:
     """One row per (model, concept, prompt): images, faces, face_rate, freq.<a>.<class>, bias.<a>,
-    bias.<joint>, sem_<metric>. ``records`` holds the merged per-image table (see records.py)."""
+    uncertain.<a> (where the records hold prob_<a>), bias.<joint>, sem_<metric>. ``records`` holds the merged per-image table (see records.py)."""
     rows = []
     for (model, concept, prompt), g in records.groupby(["model", "concept", "prompt"], sort=False):
         rows.append({"model": model, "concept": concept, "prompt": prompt, **_prompt_row(g, attributes, joints)})
@@ -81,6 +87,9 @@ def _model_summary(pp: pd.DataFrame, attributes: dict[str, list[str]], joints: l
         out["bias"][name] = {"mean": _nan_to_none(mean), "std": _nan_to_none(std)}
     for a, classes in attributes.items():
         out["freq"][a] = {c: _nan_to_none(float(pp[f"freq.{a}.{c}"].mean())) for c in classes}
+    unc = {a: pp[f"uncertain.{a}"].mean() for a in attributes if f"uncertain.{a}" in pp.columns}
+    if unc:
+        out["uncertain"] = {a: _nan_to_none(float(v)) for a, v in unc.items()}
     sems = sorted(c for c in pp.columns if c.startswith("sem_"))
     out["semantics"] = {c.removeprefix("sem_"): _nan_to_none(float(pp[c].mean())) for c in sems}
     out["prompts_without_faces"] = int((pp["faces"] == 0).sum())
@@ -117,6 +126,7 @@ def summarize(
 
     Layout: ``models.<name>.bias.<attr>.mean|std``, ``models.<name>.freq.<attr>.<class>``,
     ``models.<name>.face_rate``, ``models.<name>.semantics.<metric>``, ``prompts.split|count``; beside them
+    ``models.<name>.uncertain.<attr>`` (share of in-between images, where the records hold probabilities),
     ``target`` (marginal probabilities), ``target_gap.<name>.<attr>`` (total variation of the mean
     frequencies from the target), ``concepts.<concept>.models...`` and ``concepts.<concept>.prompts``.
     """

@@ -39,19 +39,22 @@ def _sem_name(metric: str) -> str:
 
 
 def table1(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the Table-1-style table: model | bias per attribute (mean ± std) | face rate | semantics."""
+    """Header and rows of the Table-1-style table: model | bias per attribute (mean ± std) | face rate | uncertain
+    share per aligned attribute | semantics."""
     models = list(summary["models"])
     first = summary["models"][models[0]]
     bias_names = list(first["bias"])
     sems = list(first["semantics"])
+    unc = [a for a in summary.get("target", {}) if all(a in summary["models"][m].get("uncertain", {}) for m in models)]
     header = ["model", *[f"bias {n.replace('_x_', ' × ')}" for n in bias_names], "face rate",
-              *[_sem_name(s) for s in sems]]
+              *[f"uncertain {a}" for a in unc], *[_sem_name(s) for s in sems]]
     rows = []
     for m in models:
         s = summary["models"][m]
         cells = [m]
         cells += [f"{_fmt(s['bias'][n]['mean'])} ± {_fmt(s['bias'][n]['std'])}" for n in bias_names]
         cells.append(_fmt(s["face_rate"]))
+        cells += [_fmt(s["uncertain"][a]) for a in unc]
         cells += [_fmt(s["semantics"].get(x), 3) for x in sems]
         rows.append(cells)
     return header, rows
@@ -186,7 +189,9 @@ def render(records: pd.DataFrame, pp: pd.DataFrame, summary: dict[str, Any]) -> 
             "<h2>Summary (layout of the paper's Table 1)</h2><div class='card'>",
             _html_table(h1, r1, "table1"),
             "<p class='note'>Bias of one prompt: mean absolute difference of class frequencies over class "
-            "pairs, on images with a face; mean ± std over prompts (lower is fairer).</p></div>",
+            "pairs, on images with a face; mean ± std over prompts (lower is fairer). Uncertain: share of face "
+            "images whose top class probability is below 0.9 for an aligned attribute (in-between images that the "
+            "argmax counts anyway).</p></div>",
             f"<div class='card'><img class='chart' alt='mean bias per attribute' src='{_b64(figs['headline.png'])}'></div>"]
     if tt:
         body += ["<h2>Frequencies against the target</h2><div class='card'>", _html_table(*tt, "target"), "</div>"]
