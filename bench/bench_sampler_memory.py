@@ -7,7 +7,9 @@
 What one measurement does: the UNet (tiny SD, or the SD v1.5 UNet architecture from its config with random
 weights - nothing is downloaded) is frozen, as in text-encoder-LoRA training; the CFG embeddings (2B, 77, D)
 are a leaf that needs a gradient (the text encoder's output); sample B images with the adjusted estimator
-(guidance 7.5, DDIM, ``checkpoint`` on or off), backpropagate a loss on x_0 to the embeddings.
+(guidance 7.5, DDIM; eps calls checkpointed by torch's non-reentrant checkpoint (the default), by the reentrant
+one (sampler.checkpoint_mode=reentrant: no per-op graph kept on the host), or not at all), backpropagate a
+loss on x_0 to the embeddings.
 
 CPU: the model is built once; every measurement runs in a forked child (same starting heap for every variant,
 no interpreter start-up per measurement). The child resets the kernel's peak-RSS mark (/proc/self/clear_refs)
@@ -41,6 +43,7 @@ if str(ROOT) not in sys.path:
 
 from bench.common import BENCHMARKS, machine, write_section, write_summary  # noqa: E402
 
+CHECKPOINTS = ("non_reentrant", "reentrant", "off")  # how eps calls are checkpointed (off: not at all)
 ALLOCATORS = ("default", "trim0")
 # "tensors": the peak bytes of live tensors (fairdiff_ray.profiling.LiveTensorBytes), what
 # torch.cuda.max_memory_allocated measures on a GPU - the memory the chain needs, whatever the allocator keeps
@@ -85,7 +88,7 @@ def build(model: str, sd15_size: str, latent: int, device: str, dtype: str):  # 
     return unet, size, sched
 
 
-def measure(unet, size: int, sched_cfg, steps: int, checkpoint: bool, batch: int, device: str,  # noqa: ANN001
+def measure(unet, size: int, sched_cfg, steps: int, checkpoint: str, batch: int, device: str,  # noqa: ANN001
             alloc: str = "default") -> dict:
     import contextlib
 
@@ -101,7 +104,7 @@ def measure(unet, size: int, sched_cfg, steps: int, checkpoint: bool, batch: int
     emb = (torch.randn(2 * batch, 77, unet.config.cross_attention_dim, generator=g) * 0.5).to(device, dtype)
     emb.requires_grad_(True)
     x_T = torch.randn(batch, 4, size, size, generator=g).to(device, dtype)
-    eps_fn = lambda x, t: unet(x, t, encoder_hidden_states=emb).sample  # noqa: E731
+    eps_fn = lambda x, t, e: unet(x, t, encoder_hidden_states=e).sample  # noqa: E731
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -114,8 +117,9 @@ def measure(unet, size: int, sched_cfg, steps: int, checkpoint: bool, batch: int
     live = LiveTensorBytes() if alloc == "tensors" else None
     t0 = time.perf_counter()
     with live if live is not None else contextlib.nullcontext():
-        x0 = sample_with_grad(eps_fn, x_T, sched, estimator="adjusted", checkpoint=checkpoint,
-                              num_inference_steps=steps)
+        x0 = sample_with_grad(eps_fn, x_T, sched, estimator="adjusted", checkpoint=checkpoint != "off",
+                              checkpoint_mode="reentrant" if checkpoint == "reentrant" else "non_reentrant",
+                              eps_args=(emb,), num_inference_steps=steps)
         x0.float().square().mean().backward()
     if live is not None:
         peak = live.peak
@@ -184,11 +188,13 @@ def _median_peak(rows: list[dict], key: tuple) -> float | None:
 
 
 def growth(rows: list[dict], steps: list[int]) -> dict:
-    """{"<model> <allocator>": {t_lo, t_hi, checkpointed: peak ratio, uncheckpointed: peak ratio}} (medians)."""
+    """{"<model> <allocator>": {t_lo, t_hi, checkpointed (non-reentrant), checkpointed_reentrant,
+    uncheckpointed: peak ratio T_hi / T_lo}} (medians)."""
     out: dict[str, dict] = {}
     for model, alloc in dict.fromkeys((r["model"], r["allocator"]) for r in rows):
         entry: dict = {"t_lo": steps[0], "t_hi": steps[-1]}
-        for ckpt, name in ((True, "checkpointed"), (False, "uncheckpointed")):
+        for ckpt, name in (("non_reentrant", "checkpointed"), ("reentrant", "checkpointed_reentrant"),
+                           ("off", "uncheckpointed")):
             lo = _median_peak(rows, (model, alloc, ckpt, steps[0]))
             hi = _median_peak(rows, (model, alloc, ckpt, steps[-1]))
             entry[name] = round(hi / lo, 3) if lo and hi is not None and lo > 0 else None
@@ -211,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="rounds for SD v1.5 (one T=40 checkpointed chain is ~5 CPU-minutes at 8x8 latents)")
     p.add_argument("--sd15-allocators", nargs="+", default=["trim0", "tensors"], choices=list(MEASURES),
                    help="allocators (or 'tensors': live tensor bytes) for SD v1.5 on CPU (workers run with trim0)")
+    p.add_argument("--checkpoints", nargs="+", default=list(CHECKPOINTS), choices=list(CHECKPOINTS),
+                   help="how eps calls are checkpointed: non_reentrant (default mode), reentrant, off")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", default=str(BENCHMARKS), help="markdown file to write the section into ('-': none)")
@@ -231,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         batch = args.batch if model == "tiny" else args.sd15_batch
         allocs = allocators if model == "tiny" or args.device != "cpu" else tuple(args.sd15_allocators)
         rounds = args.rounds if model == "tiny" else args.sd15_rounds
-        plan = [(a, c, t) for a in allocs for c in (True, False) for t in steps
-                if c or model == "tiny" or t <= args.sd15_max_uncheckpointed]
+        plan = [(a, c, t) for a in allocs for c in args.checkpoints for t in steps
+                if c != "off" or model == "tiny" or t <= args.sd15_max_uncheckpointed]
         for r in range(rounds):
             k = (r * len(plan)) // max(rounds, 1)
             for alloc, ckpt, t in plan[k:] + plan[:k]:
@@ -248,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"model": model, "allocator": alloc, "steps": t, "checkpoint": ckpt, "batch": batch,
                        "peak_mb": res.get("peak_mb"), "seconds": res.get("seconds")}
                 rows.append(row)
-                print(f"round {r + 1} {model:5s} {alloc:7s} T={t:3d} checkpoint={ckpt!s:5s} "
+                print(f"round {r + 1} {model:5s} {alloc:7s} T={t:3d} checkpoint={ckpt:13s} "
                       + (f"peak +{row['peak_mb']:8.1f} MB {row['seconds']:7.2f} s" if "error" not in res
                          else res["error"]), flush=True)
         unet = None  # free it before the next model is built
@@ -259,7 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     body = (f"## Peak memory vs sampling steps (bench/bench_sampler_memory.py)\n\n{machine()}, device {args.device}, "
             f"{args.dtype}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. One adjusted-estimator backward "
             "through the whole DDIM chain (guidance 7.5, loss on x_0) into the CFG text embeddings, UNet frozen "
-            f"(text-encoder-LoRA training). tiny = the tiny SD UNet, batch {args.batch}; sd15 = {sd_desc}. "
+            "(text-encoder-LoRA training); checkpoint: non_reentrant = every eps call under torch's default "
+            "(non-reentrant) checkpoint, which keeps the autograd graph of every op of the call on the host; "
+            "reentrant = sampler.checkpoint_mode=reentrant (one graph node per call); off = no checkpointing. "
+            f"tiny = the tiny SD UNet, batch {args.batch}; sd15 = {sd_desc}. "
             f"{how}; median of {args.rounds} rounds for tiny and {args.sd15_rounds} for sd15 (configurations "
             "rotated per round; on CPU sd15 runs with the allocator(s) "
             f"{', '.join(args.sd15_allocators) if args.device == 'cpu' else 'caching'} and uncheckpointed up to "

@@ -14,7 +14,9 @@ each warmed up with one step. Then, per round, interleaved and in a rotating ord
   fused      one training step with train.schedule=fused (every eps call checkpointed: memory flat in T);
   selective  the same fused step with selective checkpointing: eps calls keep their activations for
              backward (no recomputation) up to --keep-mb per chunk (sampler.keep_activations_mb), the
-             rest are checkpointed.
+             rest are checkpointed;
+  reentrant  the fused step with every eps call checkpointed by torch's reentrant checkpoint
+             (sampler.checkpoint_mode=reentrant: the forward runs the UNet without recording its graph).
 Reported: the median over rounds of each time and of each per-round ratio (ratios within a round are side by
 side, so load from other processes on the machine affects both sides alike as far as possible).
 
@@ -41,7 +43,7 @@ if str(ROOT) not in sys.path:
 from bench.common import BENCHMARKS, machine, write_section, write_summary  # noqa: E402
 
 PROMPT = "A photo of the face of a nurse, a person"
-VARIANTS = ("gen", "reference", "fused", "selective")
+VARIANTS = ("gen", "reference", "fused", "selective", "reentrant")
 
 
 def _overrides(args: argparse.Namespace, model: str) -> list[str]:
@@ -109,8 +111,15 @@ def measure(args: argparse.Namespace, model: str) -> dict:
         finally:
             w.keep_activations_bytes = 0
 
+    def reentrant(step: int) -> None:  # the fused step, every eps call under the reentrant checkpoint
+        mode, w.checkpoint_mode = w.checkpoint_mode, "reentrant"
+        try:
+            w.train_step([PROMPT], step)
+        finally:
+            w.checkpoint_mode = mode
+
     calls = {"gen": gen, "reference": lambda s: workers["reference"].train_step([PROMPT], s),
-             "fused": lambda s: w.train_step([PROMPT], s), "selective": selective}
+             "fused": lambda s: w.train_step([PROMPT], s), "selective": selective, "reentrant": reentrant}
     wall: dict[str, list[float]] = {v: [] for v in VARIANTS}
     cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for v in VARIANTS:  # warm-up (allocator, kernels, DeepSpeed's first step)
@@ -133,8 +142,9 @@ def measure(args: argparse.Namespace, model: str) -> dict:
             return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
         return {"fused/reference": med("fused", "reference"), "selective/reference": med("selective", "reference"),
-                "reference/gen": med("reference", "gen"), "fused/gen": med("fused", "gen"),
-                "selective/gen": med("selective", "gen")}
+                "reentrant/reference": med("reentrant", "reference"), "reference/gen": med("reference", "gen"),
+                "fused/gen": med("fused", "gen"), "selective/gen": med("selective", "gen"),
+                "reentrant/gen": med("reentrant", "gen")}
 
     # CPU: process CPU time is the primary clock (one torch thread; other processes on a shared machine
     # stretch wall time, not the work done); CUDA: wall time (synchronised)
@@ -161,15 +171,18 @@ def compute_dtype_name(cfg) -> str:  # noqa: ANN001
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | N | T | dtype | clock | gen s | reference s | fused s | selective s | fused / reference | "
-             "selective / reference | reference / gen | fused / gen | selective / gen | wall clock: fused / reference, "
-             "selective / reference |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | N | T | dtype | clock | gen s | reference s | fused s | selective s | reentrant s | "
+             "fused / reference | selective / reference | reentrant / reference | reference / gen | fused / gen | "
+             "selective / gen | reentrant / gen | wall clock: fused, selective, reentrant / reference |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m, q, w = r["median_s"], r["ratio"], r["ratio_wall"]
         lines.append(f"| {r['model']} | {r['images']} | {r['steps']} | {r['dtype']} | {r['clock']} | {m['gen']:.3f} | "
-                     f"{m['reference']:.3f} | {m['fused']:.3f} | {m['selective']:.3f} | {q['fused/reference']:.2f}x | "
-                     f"{q['selective/reference']:.2f}x | {q['reference/gen']:.2f}x | {q['fused/gen']:.2f}x | "
-                     f"{q['selective/gen']:.2f}x | {w['fused/reference']:.2f}x, {w['selective/reference']:.2f}x |")
+                     f"{m['reference']:.3f} | {m['fused']:.3f} | {m['selective']:.3f} | {m['reentrant']:.3f} | "
+                     f"{q['fused/reference']:.2f}x | {q['selective/reference']:.2f}x | {q['reentrant/reference']:.2f}x | "
+                     f"{q['reference/gen']:.2f}x | {q['fused/gen']:.2f}x | {q['selective/gen']:.2f}x | "
+                     f"{q['reentrant/gen']:.2f}x | {w['fused/reference']:.2f}x, {w['selective/reference']:.2f}x, "
+                     f"{w['reentrant/reference']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -184,7 +197,8 @@ def section(rows: list[dict], args: argparse.Namespace) -> str:
         "dist.worker.Worker per schedule (gloo group of size 1), one prompt, N images in one chunk, T DDIM steps, "
         "guidance 7.5, text-encoder LoRA rank 8, adjusted estimator, checkpointed eps calls and VAE decode; "
         f"selective = the fused step keeping eps-call activations up to {args.keep_mb:g} MB per chunk instead of "
-        "recomputing them (calls beyond that are checkpointed). "
+        "recomputing them (calls beyond that are checkpointed); reentrant = the fused step with every eps call "
+        "under torch's reentrant checkpoint (sampler.checkpoint_mode=reentrant; fused uses the non-reentrant one). "
         f"Each variant warmed up once, then {args.repeats} rounds interleaved in rotating order; medians over "
         "rounds (ratios: median of the per-round ratios). gen = one no-grad generation of the same N images "
         "(same noise, T, guidance, adaptor on, VAE decode). Clock cpu = the process's CPU time (one torch "

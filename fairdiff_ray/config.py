@@ -91,6 +91,10 @@ class SamplerConfig(_Section):
     # (no recomputation) until this many MB are kept, later calls are checkpointed; 0 = every call checkpointed
     # (memory flat in the number of steps). Same images and gradients either way.
     keep_activations_mb: float = Field(0.0, ge=0)
+    # how checkpointed eps calls are wrapped (core.sampler.CHECKPOINT_MODES): non_reentrant keeps autograd's
+    # per-op graph of every call (host memory grows with the steps); reentrant keeps one node per call (flat in
+    # the steps; not with deepspeed.zero_stage >= 2 when the UNet is trained). Same images and gradients.
+    checkpoint_mode: Literal["non_reentrant", "reentrant"] = "non_reentrant"
 
     @model_validator(mode="after")
     def _k(self) -> SamplerConfig:
@@ -254,6 +258,11 @@ class FairDiffConfig(_Section):
                 raise ValueError(f"loss.thresholds names {a!r}, which is not a target attribute ({', '.join(self.target)})")
             if not 0 < c <= 1:
                 raise ValueError(f"loss.thresholds.{a}={c} must be in (0, 1]")
+        if (self.sampler.checkpoint_mode == "reentrant" and self.deepspeed.zero_stage >= 2
+                and self.adaptor.kind in ("unet_lora", "both", "full_unet")):
+            raise ValueError("sampler.checkpoint_mode 'reentrant' accumulates the UNet LoRA gradients once per "
+                             "sampling step, which deepspeed.zero_stage >= 2 refuses: use zero_stage 0 or 1, or "
+                             "checkpoint_mode 'non_reentrant'")
         n, w = self.train.images_per_prompt, self.ray.num_workers
         if n % w:
             raise ValueError(

@@ -57,10 +57,15 @@ def test_wrong_type_names_key(tmp_path: Path) -> None:
         ("target.gender.probs=[.nan,0.5]", r"NaN"),
         ("target.gender.classes=[f,f]", r"duplicate"),
         ("sampler.estimator=truncated", r"truncate_k"),
+        ("sampler.checkpoint_mode=reentrant", r"checkpoint_mode 'reentrant'.*zero_stage 0 or 1"),
     ],
 )
 def test_invariants(override: str, pattern: str) -> None:
     overrides = [override] + (["ray.num_workers=2"] if "images_per_prompt" in override else [])
+    if "checkpoint_mode" in override:  # refused with ZeRO-2 and a trained UNet only
+        load_config(None, [override, "deepspeed.zero_stage=1", "adaptor.kind=unet_lora"])
+        load_config(None, [override, "deepspeed.zero_stage=2", "adaptor.kind=text_lora"])
+        overrides += ["deepspeed.zero_stage=2", "adaptor.kind=unet_lora"]
     with pytest.raises(ConfigError, match=pattern):
         load_config(None, overrides)
 

@@ -7,6 +7,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 
 from fairdiff_ray.core.sampler import sample_with_grad
+from fairdiff_ray.models.sd import unet_eps_args, unet_eps_fn
 from fairdiff_ray.models.tiny import tiny_components
 
 PROMPT = "a photo of a person"
@@ -148,3 +149,59 @@ def test_checkpointed_chain_memory_is_flat_in_the_number_of_steps(components):
     unck_lo, unck_hi = _chain_peak(components, 4, False), _chain_peak(components, 16, False)
     assert unck_hi >= 2.5 * unck_lo, (unck_lo, unck_hi)
     assert unck_lo > lo
+
+
+def _graph_nodes(t: torch.Tensor) -> int:
+    """Autograd nodes reachable from t.grad_fn (what the forward keeps on the host besides tensors)."""
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        todo += [nxt for nxt, _ in fn.next_functions]
+    return len(seen)
+
+
+def _emb_run(components, mode: str, steps: int, backward: bool = True):
+    unet = components["unet"].requires_grad_(False)
+    cond = _embed(components, [PROMPT] * BATCH).requires_grad_(True)
+    uncond = _embed(components, [""] * BATCH).requires_grad_(True)
+    try:
+        eps = unet_eps_fn(unet, cond.detach(), uncond.detach())  # the closure's copies carry no gradient
+        x0 = sample_with_grad(eps, _latents(), _schedulers(components)["dpm"](), estimator="adjusted",
+                              checkpoint=True, checkpoint_mode=mode, eps_args=unet_eps_args(cond, uncond),
+                              num_inference_steps=steps)
+        nodes = _graph_nodes(x0)
+        if backward:
+            x0.square().mean().backward()
+    finally:
+        unet.requires_grad_(True)
+    return x0.detach(), cond.grad, uncond.grad, nodes
+
+
+def test_reentrant_checkpoint_same_values_and_gradients_and_a_graph_flat_in_steps(components):
+    """Issue 8: checkpoint_mode 'reentrant' gives the same x_0 and the same gradients to the embeddings passed
+    as eps_args (text-encoder training) and to the UNet's parameters with nothing else needing a gradient (the
+    anchor input); its forward keeps a few autograd nodes per step where the non-reentrant checkpoint keeps
+    the whole UNet's graph (host memory that grows with T)."""
+    x_r, gc_r, gu_r, _ = _emb_run(components, "reentrant", 4)
+    x_n, gc_n, gu_n, _ = _emb_run(components, "non_reentrant", 4)
+    assert torch.equal(x_r, x_n)
+    assert gc_r is not None and gc_r.abs().sum() > 0 and gu_r is not None
+    assert torch.allclose(gc_r, gc_n, rtol=1e-4, atol=1e-8) and torch.allclose(gu_r, gu_n, rtol=1e-4, atol=1e-8)
+    per_step = {m: (_emb_run(components, m, 12, False)[3] - _emb_run(components, m, 4, False)[3]) / 8
+                for m in ("reentrant", "non_reentrant")}
+    assert per_step["non_reentrant"] > 100 and per_step["reentrant"] * 10 < per_step["non_reentrant"], per_step
+    # UNet parameters: same gradients as without checkpointing, no input needing a gradient
+    unet = components["unet"]
+    unet.zero_grad(set_to_none=True)
+    x0 = sample_with_grad(make_eps_fn(components, 7.5), _latents(), _schedulers(components)["dpm"](),
+                          estimator="adjusted", checkpoint=True, checkpoint_mode="reentrant", num_inference_steps=4)
+    x0.square().mean().backward()
+    reent = {n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None}
+    unet.zero_grad(set_to_none=True)
+    plain = _unet_grads(components, "adjusted", checkpoint=False)
+    assert reent.keys() == plain.keys() and len(reent) == sum(1 for _ in unet.parameters())
+    for name, g in reent.items():
+        assert torch.allclose(g, plain[name], rtol=1e-4, atol=1e-7), name

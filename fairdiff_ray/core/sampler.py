@@ -20,6 +20,9 @@ The model seam is ``eps_fn(x, t) -> m`` (k-diffusion style): ``x`` is (B', C, h,
 ``scheduler.scale_model_input``; ``t`` is the scheduler timestep as a 0-d int64 tensor on ``x``'s device.
 With ``guidance_scale > 1`` the sampler passes B' = 2B rows ``cat([x, x])`` and expects
 ``cat([m_uncond, m_cond])`` back (diffusers' convention); otherwise B' = B and ``m`` is returned directly.
+Tensors the model reads that need a gradient (the text embeddings) may be handed over as ``eps_args``:
+the sampler then calls ``eps_fn(x, t, *eps_args)``, which the reentrant checkpoint needs (it can only pass
+gradients to its explicit inputs; see ``checkpoint_mode``).
 """
 
 from __future__ import annotations
@@ -32,8 +35,17 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
-EpsFn = Callable[[Tensor, Tensor], Tensor]
+EpsFn = Callable[..., Tensor]
 ESTIMATORS = ("exact", "adjusted", "truncated", "random_truncation")
+# non_reentrant: torch's default checkpoint - the forward records autograd's graph of every op of every model
+#   call (its saved tensors are dropped and recomputed): host memory grows with T by that graph (nodes, saved-
+#   variable records), ~0.2 MB per call of the tiny UNet, several MB for SD v1.5.
+# reentrant: the model call runs under no_grad and autograd records one node per call; its backward re-runs
+#   the call with gradients on and backpropagates inside - nothing but the call's inputs stays per step.
+#   Gradients reach the model's parameters and the explicit inputs (x, eps_args) only: a tensor eps_fn closes
+#   over must not need a gradient (pass it in eps_args). With ZeRO-2/3 the nested backward of every call
+#   accumulates a trainable UNet parameter's gradient T times, which DeepSpeed's reduction hooks refuse.
+CHECKPOINT_MODES = ("non_reentrant", "reentrant")
 _PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -242,6 +254,20 @@ def _unpack(t: Tensor) -> Tensor:
     return t
 
 
+def _reentrant_output(
+    eps_fn: EpsFn, x_in: Tensor, t: Tensor, scheduler: Any, guidance_scale: float, eps_args: tuple[Tensor, ...]
+) -> Tensor:
+    """_guided_output under torch's reentrant checkpoint. ``anchor`` (an empty leaf that needs a gradient) makes
+    the output part of the graph even when no input needs a gradient (UNet-only adaptors: x_in detached, the
+    embeddings frozen), so the call's backward still runs and reaches the trainable parameters."""
+
+    def run(x: Tensor, t_: Tensor, _anchor: Tensor, *args: Tensor) -> Tensor:
+        return _guided_output(lambda xx, tt: eps_fn(xx, tt, *args), x, t_, scheduler, guidance_scale)
+
+    anchor = torch.empty(0, device=x_in.device, requires_grad=True)
+    return _torch_checkpoint(run, x_in, t, anchor, *eps_args, use_reentrant=True, preserve_rng_state=True)
+
+
 def sample_with_grad(
     eps_fn: EpsFn,
     x_T: Tensor,
@@ -255,6 +281,8 @@ def sample_with_grad(
     num_inference_steps: int | None = None,
     return_trajectory: bool = False,
     keep_activations_bytes: int = 0,
+    checkpoint_mode: str = "non_reentrant",
+    eps_args: tuple[Tensor, ...] = (),
 ) -> Tensor | tuple[Tensor, list[Tensor]]:
     """Run the scheduler's sampler from x_T and return x_0 (B, C, h, w), differentiable per ``estimator``.
 
@@ -278,6 +306,10 @@ def sample_with_grad(
       checkpoint, their activations kept for backward (no recomputation), until the activations so kept reach
       this many bytes (counted as autograd saves them; one call may cross the limit); later calls are
       checkpointed. Values and gradients are the same either way; 0 checkpoints every call.
+    checkpoint_mode: how checkpointed calls are wrapped (CHECKPOINT_MODES): "non_reentrant" (torch's default)
+      or "reentrant" (no per-op graph kept in the forward: host memory flat in T; eps_fn must take the tensors
+      that need a gradient as ``eps_args``). Same values and gradients.
+    eps_args: tensors passed to every model call as eps_fn(x, t, *eps_args) (default: none, eps_fn(x, t)).
     Works under torch.no_grad (generation). With ``return_trajectory`` also returns the N + 1 latents
     [x_T * init_noise_sigma, ..., x_0].
     """
@@ -287,6 +319,10 @@ def sample_with_grad(
         raise ValueError(f"x_T must be (B, C, h, w), got shape {tuple(x_T.shape)}")
     if keep_activations_bytes < 0:
         raise ValueError(f"keep_activations_bytes must be >= 0, got {keep_activations_bytes}")
+    if checkpoint_mode not in CHECKPOINT_MODES:
+        raise ValueError(f"checkpoint_mode must be one of {CHECKPOINT_MODES}, got {checkpoint_mode!r}")
+    eps_args = tuple(eps_args)
+    model = (lambda xx, tt: eps_fn(xx, tt, *eps_args)) if eps_args else eps_fn
     if num_inference_steps is not None:
         scheduler.set_timesteps(num_inference_steps, device=x_T.device)
     # Coefficients in the latent's dtype (float32 at least) so float32 runs round exactly as diffusers does.
@@ -314,13 +350,15 @@ def sample_with_grad(
             x_in = x.detach() if adjusted else x
             if step_grad and checkpoint and kept.bytes < keep_activations_bytes:
                 with torch.autograd.graph.saved_tensors_hooks(kept.pack, _unpack):
-                    m = _guided_output(eps_fn, x_in, t, scheduler, guidance_scale)
+                    m = _guided_output(model, x_in, t, scheduler, guidance_scale)
+            elif step_grad and checkpoint and checkpoint_mode == "reentrant":
+                m = _reentrant_output(eps_fn, x_in, t, scheduler, guidance_scale, eps_args)
             elif step_grad and checkpoint:
                 m = _torch_checkpoint(
-                    _guided_output, eps_fn, x_in, t, scheduler, guidance_scale, use_reentrant=False
+                    _guided_output, model, x_in, t, scheduler, guidance_scale, use_reentrant=False
                 )
             else:
-                m = _guided_output(eps_fn, x_in, t, scheduler, guidance_scale)
+                m = _guided_output(model, x_in, t, scheduler, guidance_scale)
             # 2. Adjusted DFT (METHOD 4, step 2): scale the gradient arriving at this step's output by c_t.
             if adjusted and m.requires_grad:
                 c_t = float(grad_coef[i])

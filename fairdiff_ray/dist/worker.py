@@ -155,13 +155,14 @@ class Worker:
         # recomputed in backward (the fused schedule holds every chunk of a prompt until its backward, so the
         # step keeps up to chunks x this); 0 = checkpoint every call
         self.keep_activations_bytes = int(cfg.sampler.keep_activations_mb * 2**20)
+        self.checkpoint_mode = cfg.sampler.checkpoint_mode  # how checkpointed eps calls are wrapped
 
     # -- generation ----------------------------------------------------------------------------------------
 
     def generate(self, prompts: list[str], x_T: torch.Tensor, steps: int, *, grad: bool, base: bool = False,
                  trunc_seed: int = 0) -> torch.Tensor:
         """Images (b, 3, H, W) float32 in [-1, 1] for b prompts/noises; the base model when ``base``."""
-        from fairdiff_ray.models.sd import decode_latents, make_scheduler, unet_eps_fn
+        from fairdiff_ray.models.sd import decode_latents, make_scheduler, unet_eps_args, unet_eps_fn
 
         s = self.cfg.sampler
         ctx = self.adaptor.disabled() if base else contextlib.nullcontext()
@@ -173,6 +174,7 @@ class Worker:
                 estimator=s.estimator, truncate_k=s.truncate_k, checkpoint=s.checkpoint and grad,
                 guidance_scale=s.guidance_scale, generator=torch.Generator().manual_seed(trunc_seed),
                 num_inference_steps=steps, keep_activations_bytes=self.keep_activations_bytes if grad else 0,
+                checkpoint_mode=self.checkpoint_mode, eps_args=unet_eps_args(cond, uncond),
             )
             if grad and s.checkpoint:
                 images = _checkpoint(decode_latents, self.comp.vae, x_0, use_reentrant=False)

@@ -298,24 +298,35 @@ def make_scheduler(name: Literal["ddim", "dpmsolver++"], scheduler_config: dict)
     raise ValueError(f"scheduler must be 'ddim' or 'dpmsolver++', got {name!r}")
 
 
-def unet_eps_fn(unet: torch.nn.Module, cond: Tensor, uncond: Tensor | None) -> Callable[[Tensor, Tensor], Tensor]:
+def unet_eps_fn(unet: torch.nn.Module, cond: Tensor, uncond: Tensor | None) -> Callable[..., Tensor]:
     """eps_fn(x, t) for core.sampler: the UNet on cond (B, L, D), with rows cat([uncond, cond]) for a doubled
-    (classifier-free guidance) batch of 2B latents. ``uncond`` None -> guidance must be off (B rows)."""
+    (classifier-free guidance) batch of 2B latents. ``uncond`` None -> guidance must be off (B rows).
+    eps_fn(x, t, cond, uncond) uses the embeddings passed instead (core.sampler's ``eps_args``, which the
+    reentrant checkpoint needs to pass their gradients on): see ``unet_eps_args``."""
     b = cond.shape[0]
     both = torch.cat([uncond, cond]) if uncond is not None else None
     if uncond is not None and uncond.shape != cond.shape:
         raise ValueError(f"uncond shape {tuple(uncond.shape)} differs from cond shape {tuple(cond.shape)}")
 
-    def eps_fn(x: Tensor, t: Tensor) -> Tensor:
+    def eps_fn(x: Tensor, t: Tensor, *emb_args: Tensor) -> Tensor:
+        c, pair = cond, both
+        if emb_args:
+            c = emb_args[0]
+            pair = torch.cat([emb_args[1], c]) if len(emb_args) > 1 else None
         if x.shape[0] == b:
-            emb = cond
-        elif both is not None and x.shape[0] == 2 * b:
-            emb = both
+            emb = c
+        elif pair is not None and x.shape[0] == 2 * b:
+            emb = pair
         else:
             raise ValueError(f"eps_fn got {x.shape[0]} latents for {b} prompts (expected {b}, or {2 * b} with uncond)")
         return unet(x, t, encoder_hidden_states=emb).sample
 
     return eps_fn
+
+
+def unet_eps_args(cond: Tensor, uncond: Tensor | None) -> tuple[Tensor, ...]:
+    """The ``eps_args`` of core.sampler.sample_with_grad for unet_eps_fn(unet, cond, uncond)."""
+    return (cond,) if uncond is None else (cond, uncond)
 
 
 def decode_latents(vae: torch.nn.Module, latents: Tensor) -> Tensor:
