@@ -107,6 +107,33 @@ def test_selective_checkpointing_gives_the_same_update_without_recomputing(tmp_p
     assert unet_calls[0] - unet_calls[1] == chunks * sum(num_sampling_steps(cfg, s) for s in range(2))
 
 
+@pytest.mark.parametrize("engine", ["deepspeed.zero_stage=0", "deepspeed.zero_stage=1"])
+def test_reentrant_checkpoint_gives_the_same_gradients(tmp_path, engine):
+    """sampler.checkpoint_mode=reentrant: text-encoder and UNet LoRA (embeddings through eps_args, UNet weights
+    through the nested backward) get the same gradients as with the default checkpoint, under DeepSpeed.
+    Gradients, not updated weights: Adam's first steps move every weight by ~lr * sign(g), so a gradient that is
+    zero up to rounding (the reentrant checkpoint sums each call's UNet gradient into .grad separately) could
+    move a weight either way."""
+    grads, losses = [], []
+    for mode in ("non_reentrant", "reentrant"):
+        w = _worker(tmp_path, engine, "adaptor.kind=both", "train.schedule=fused", "sampler.keep_activations_mb=0",
+                    f"sampler.checkpoint_mode={mode}")
+        got: dict[str, torch.Tensor] = {}
+        for name, p in w.adaptor.named_parameters().items():  # the last accumulation of the step is the sum
+            p.register_post_accumulate_grad_hook(lambda p, name=name, got=got: got.__setitem__(name, p.grad.clone()))
+        w.train_step([PROMPT], step=0)
+        got.clear()
+        losses.append(w.train_step([PROMPT], step=1).metrics["loss/total"])
+        grads.append(got)
+    a, b = grads
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    assert a.keys() == b.keys() and any("unet" in k for k in a) and any("text" in k for k in a)
+    for k in a:
+        scale = float(a[k].abs().max())
+        assert scale > 0, k
+        assert float((a[k] - b[k]).abs().max()) <= 1e-4 * scale, k
+
+
 def test_seeds_and_step_counts():
     cfg = tiny_config_no_files()
     # the global image index, not the rank, picks the noise: rank r of W owns rows [r n, (r + 1) n)
