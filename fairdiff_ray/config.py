@@ -93,8 +93,9 @@ class SamplerConfig(_Section):
     keep_activations_mb: float = Field(0.0, ge=0)
     # how checkpointed eps calls are wrapped (core.sampler.CHECKPOINT_MODES): non_reentrant keeps autograd's
     # per-op graph of every call (host memory grows with the steps); reentrant keeps one node per call (flat in
-    # the steps; not with deepspeed.zero_stage >= 2 when the UNet is trained). Same images and gradients.
-    checkpoint_mode: Literal["non_reentrant", "reentrant"] = "non_reentrant"
+    # the steps; not with deepspeed.zero_stage >= 2 when the UNet is trained); auto = reentrant where allowed.
+    # Same images and gradients (up to float summation order).
+    checkpoint_mode: Literal["auto", "non_reentrant", "reentrant"] = "auto"
 
     @model_validator(mode="after")
     def _k(self) -> SamplerConfig:
@@ -258,8 +259,7 @@ class FairDiffConfig(_Section):
                 raise ValueError(f"loss.thresholds names {a!r}, which is not a target attribute ({', '.join(self.target)})")
             if not 0 < c <= 1:
                 raise ValueError(f"loss.thresholds.{a}={c} must be in (0, 1]")
-        if (self.sampler.checkpoint_mode == "reentrant" and self.deepspeed.zero_stage >= 2
-                and self.adaptor.kind in ("unet_lora", "both", "full_unet")):
+        if self.sampler.checkpoint_mode == "reentrant" and not self.reentrant_allowed():
             raise ValueError("sampler.checkpoint_mode 'reentrant' accumulates the UNet LoRA gradients once per "
                              "sampling step, which deepspeed.zero_stage >= 2 refuses: use zero_stage 0 or 1, or "
                              "checkpoint_mode 'non_reentrant'")
@@ -270,6 +270,18 @@ class FairDiffConfig(_Section):
                 f"use a multiple of {w}"
             )
         return self
+
+    def reentrant_allowed(self) -> bool:
+        """The reentrant checkpoint accumulates a trained UNet's gradients once per eps call: not with ZeRO >= 2."""
+        zero2 = self.deepspeed.enabled and self.deepspeed.zero_stage >= 2
+        return not (zero2 and self.adaptor.kind in ("unet_lora", "both", "full_unet"))
+
+    def checkpoint_mode(self) -> str:
+        """sampler.checkpoint_mode with 'auto' resolved: reentrant where allowed, else non_reentrant."""
+        mode = self.sampler.checkpoint_mode
+        if mode == "auto":
+            return "reentrant" if self.reentrant_allowed() else "non_reentrant"
+        return mode
 
     def target_distribution(self) -> TargetDistribution:
         return TargetDistribution.from_spec(self.target)

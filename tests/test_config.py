@@ -155,3 +155,13 @@ def test_relative_paths_resolve_against_the_working_directory(tmp_path: Path, mo
     assert [p.path for p in cfg.data.prompt_sets] == [str(tmp_path / "p.jsonl"), "s3://b/q.jsonl"]
     assert cfg.features.synthetic == "default" and cfg.features.clip == "/abs/clip"
     assert cfg.run.storage == "gs://bucket/runs" and cfg.eval.classifier.path == str(tmp_path / "heads")
+
+
+def test_checkpoint_mode_auto_is_reentrant_where_allowed() -> None:
+    assert load_config(None, []).checkpoint_mode() == "reentrant"
+    zero2 = ["deepspeed.zero_stage=2"]
+    assert load_config(None, [*zero2, "adaptor.kind=text_lora"]).checkpoint_mode() == "reentrant"
+    assert load_config(None, [*zero2, "adaptor.kind=both"]).checkpoint_mode() == "non_reentrant"
+    assert load_config(None, [*zero2, "adaptor.kind=both", "deepspeed.enabled=false"]).checkpoint_mode() == "reentrant"
+    cfg = load_config(None, [*zero2, "adaptor.kind=both", "sampler.checkpoint_mode=non_reentrant"])
+    assert cfg.checkpoint_mode() == "non_reentrant"

@@ -155,7 +155,7 @@ class Worker:
         # recomputed in backward (the fused schedule holds every chunk of a prompt until its backward, so the
         # step keeps up to chunks x this); 0 = checkpoint every call
         self.keep_activations_bytes = int(cfg.sampler.keep_activations_mb * 2**20)
-        self.checkpoint_mode = cfg.sampler.checkpoint_mode  # how checkpointed eps calls are wrapped
+        self.checkpoint_mode = cfg.checkpoint_mode()  # how checkpointed eps calls are wrapped (auto resolved)
 
     # -- generation ----------------------------------------------------------------------------------------
 
