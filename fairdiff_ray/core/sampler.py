@@ -308,7 +308,8 @@ def sample_with_grad(
       checkpointed. Values and gradients are the same either way; 0 checkpoints every call.
     checkpoint_mode: how checkpointed calls are wrapped (CHECKPOINT_MODES): "non_reentrant" (torch's default)
       or "reentrant" (no per-op graph kept in the forward: host memory flat in T; eps_fn must take the tensors
-      that need a gradient as ``eps_args``). Same values and gradients.
+      that need a gradient as ``eps_args``). Same values; the same gradients up to float summation order (the
+      reentrant one adds each call's parameter gradients into ``.grad`` separately).
     eps_args: tensors passed to every model call as eps_fn(x, t, *eps_args) (default: none, eps_fn(x, t)).
     Works under torch.no_grad (generation). With ``return_trajectory`` also returns the N + 1 latents
     [x_T * init_noise_sigma, ..., x_0].
