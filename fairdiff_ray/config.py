@@ -79,6 +79,9 @@ class AdaptorConfig(_Section):
         return self
 
 
+UNET_KINDS = ("unet_lora", "both", "full_unet")  # adaptor kinds that train UNet weights
+
+
 class SamplerConfig(_Section):
     scheduler: Literal["dpmsolver++", "ddim"] = "dpmsolver++"
     steps: int = Field(20, gt=0)
@@ -274,7 +277,7 @@ class FairDiffConfig(_Section):
     def reentrant_allowed(self) -> bool:
         """The reentrant checkpoint accumulates a trained UNet's gradients once per eps call: not with ZeRO >= 2."""
         zero2 = self.deepspeed.enabled and self.deepspeed.zero_stage >= 2
-        return not (zero2 and self.adaptor.kind in ("unet_lora", "both", "full_unet"))
+        return not (zero2 and self.adaptor.kind in UNET_KINDS)
 
     def checkpoint_mode(self) -> str:
         """sampler.checkpoint_mode with 'auto' resolved: reentrant where allowed, else non_reentrant."""

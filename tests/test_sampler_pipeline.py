@@ -205,3 +205,65 @@ def test_reentrant_checkpoint_same_values_and_gradients_and_a_graph_flat_in_step
     assert reent.keys() == plain.keys() and len(reent) == sum(1 for _ in unet.parameters())
     for name, g in reent.items():
         assert torch.allclose(g, plain[name], rtol=1e-4, atol=1e-7), name
+
+
+@pytest.mark.parametrize("checkpoint,keep", [(True, 0), (True, 10**9), (False, 0)])
+def test_grad_rows_ride_along_and_change_nothing(components, checkpoint, keep):
+    """grad_rows: the frozen model's reference rows batched behind the trained rows (one call per step) give
+    the same images as two separate chains, and the trained rows' gradients are those of a chain without the
+    extra rows; the extra rows get no gradient (issue 8: reference images batched with the current forward)."""
+    unet = components["unet"].requires_grad_(False)
+    try:
+        emb = {k: _embed(components, [p] * BATCH) for k, p in (("c", PROMPT), ("r", "a photo of a face"), ("u", ""))}
+        x_T = _latents()
+
+        def run(rows: str, grad_rows=None):
+            cond = torch.cat([emb[k] for k in rows]).clone().requires_grad_(True)
+            uncond = torch.cat([emb["u"]] * len(rows)).clone().requires_grad_(True)
+            eps = unet_eps_fn(unet, cond.detach(), uncond.detach())
+            x0 = sample_with_grad(eps, torch.cat([x_T] * len(rows)), _schedulers(components)["dpm"](),
+                                  estimator="adjusted", checkpoint=checkpoint, checkpoint_mode="reentrant",
+                                  keep_activations_bytes=keep, eps_args=unet_eps_args(cond, uncond),
+                                  num_inference_steps=4, grad_rows=grad_rows)
+            x0[:BATCH].square().mean().backward()
+            return x0.detach(), cond.grad, uncond.grad
+
+        both, g_both, gu_both = run("cr", grad_rows=BATCH)
+        alone, g_alone, gu_alone = run("c")
+        ref, _, _ = run("r")
+        assert torch.allclose(both[:BATCH], alone, atol=1e-6) and torch.allclose(both[BATCH:], ref, atol=1e-6)
+        assert g_alone.abs().sum() > 0
+        assert torch.allclose(g_both[:BATCH], g_alone, rtol=1e-4, atol=1e-8)
+        assert torch.allclose(gu_both[:BATCH], gu_alone, rtol=1e-4, atol=1e-8)
+        assert not g_both[BATCH:].any() and not gu_both[BATCH:].any()
+    finally:
+        unet.requires_grad_(True)
+
+
+def test_grad_rows_with_unet_parameters_and_bad_input(components):
+    """UNet weights get the trained rows' gradient only; grad_rows needs eps_args with one row per image."""
+    unet = components["unet"]
+    cond, uncond = _embed(components, [PROMPT] * BATCH), _embed(components, [""] * BATCH)
+    ref = _embed(components, ["a photo of a face"] * BATCH)
+    sched = _schedulers(components)["dpm"]
+
+    def grads(two: bool) -> dict[str, torch.Tensor]:
+        unet.zero_grad(set_to_none=True)
+        c, u = (torch.cat([cond, ref]), torch.cat([uncond, uncond])) if two else (cond, uncond)
+        x0 = sample_with_grad(unet_eps_fn(unet, c, u), torch.cat([_latents()] * (2 if two else 1)), sched(),
+                              estimator="adjusted", checkpoint=True, checkpoint_mode="reentrant",
+                              eps_args=unet_eps_args(c, u), num_inference_steps=3, grad_rows=BATCH if two else None)
+        x0[:BATCH].square().mean().backward()
+        out = {n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None}
+        unet.zero_grad(set_to_none=True)
+        return out
+
+    a, b = grads(True), grads(False)
+    assert a.keys() == b.keys() and len(a) == sum(1 for _ in unet.parameters())
+    for name, g in a.items():
+        assert torch.allclose(g, b[name], rtol=1e-4, atol=1e-7), name
+    with pytest.raises(ValueError, match="eps_args"):
+        sample_with_grad(unet_eps_fn(unet, cond, uncond), _latents(), sched(), num_inference_steps=2, grad_rows=1)
+    with pytest.raises(ValueError, match="rows"):
+        sample_with_grad(unet_eps_fn(unet, cond, uncond), _latents(), sched(), num_inference_steps=2, grad_rows=1,
+                         eps_args=(cond[:1], uncond[:1]))

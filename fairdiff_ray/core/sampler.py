@@ -27,6 +27,7 @@ gradients to its explicit inputs; see ``checkpoint_mode``).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -254,6 +255,10 @@ def _unpack(t: Tensor) -> Tensor:
     return t
 
 
+def _no_hooks() -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
 def _reentrant_output(
     eps_fn: EpsFn, x_in: Tensor, t: Tensor, scheduler: Any, guidance_scale: float, eps_args: tuple[Tensor, ...]
 ) -> Tensor:
@@ -266,6 +271,63 @@ def _reentrant_output(
 
     anchor = torch.empty(0, device=x_in.device, requires_grad=True)
     return _torch_checkpoint(run, x_in, t, anchor, *eps_args, use_reentrant=True, preserve_rng_state=True)
+
+
+class _GradRowsCheckpoint(torch.autograd.Function):
+    """One model call on the whole batch without recording (forward), recomputed in backward for the first
+    ``n_grad`` rows only: rows after them ride along in the forward (batched with the rows that train, e.g. the
+    frozen model's reference images next to the current ones when only the text encoder is adapted) and cost
+    nothing in backward. The model must treat rows independently (no batch statistics), as a UNet does."""
+
+    @staticmethod
+    def forward(ctx, run, n_grad: int, x: Tensor, t: Tensor, _anchor: Tensor, *args: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.run, ctx.n_grad = run, n_grad
+        ctx.devices = sorted({a.device for a in (x, *args) if a.device.type == "cuda"}, key=str)
+        ctx.rng = torch.get_rng_state()
+        ctx.cuda_rng = [torch.cuda.get_rng_state(d) for d in ctx.devices]
+        ctx.save_for_backward(x, t, *args)
+        with torch.no_grad():
+            return run(x, t, *args)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, t, *args = ctx.saved_tensors
+        n = ctx.n_grad
+        xs = x[:n].detach().requires_grad_(x.requires_grad)
+        subs = [a[:n].detach().requires_grad_(a.requires_grad) for a in args]
+        with torch.random.fork_rng(devices=ctx.devices), torch.enable_grad():
+            torch.set_rng_state(ctx.rng)
+            for d, state in zip(ctx.devices, ctx.cuda_rng):
+                torch.cuda.set_rng_state(state, d)
+            out = ctx.run(xs, t, *subs)
+        torch.autograd.backward(out, grad[:n])
+
+        def padded(full: Tensor, part: Tensor) -> Tensor | None:
+            if part.grad is None:
+                return None
+            return torch.cat([part.grad, part.grad.new_zeros((full.shape[0] - n, *full.shape[1:]))])
+
+        return (None, None, padded(x, xs), None, None, *(padded(a, s) for a, s in zip(args, subs)))
+
+
+def _grad_rows_output(
+    eps_fn: EpsFn, x_in: Tensor, t: Tensor, scheduler: Any, guidance_scale: float, eps_args: tuple[Tensor, ...],
+    n_grad: int, checkpoint: bool,
+) -> Tensor:
+    """The post-CFG output of all rows, differentiable through the first ``n_grad`` rows only (the rest is
+    computed without gradient). Checkpointed: one batched call (_GradRowsCheckpoint); else two calls, the
+    trailing rows under no_grad, so autograd never holds their activations."""
+
+    def run(x: Tensor, t_: Tensor, *args: Tensor) -> Tensor:
+        return _guided_output(lambda xx, tt: eps_fn(xx, tt, *args), x, t_, scheduler, guidance_scale)
+
+    if checkpoint:
+        anchor = torch.empty(0, device=x_in.device, requires_grad=True)
+        return _GradRowsCheckpoint.apply(run, n_grad, x_in, t, anchor, *eps_args)
+    head = run(x_in[:n_grad], t, *(a[:n_grad] for a in eps_args))
+    with torch.no_grad():
+        tail = run(x_in[n_grad:], t, *(a[n_grad:] for a in eps_args))
+    return torch.cat([head, tail])
 
 
 def sample_with_grad(
@@ -283,6 +345,7 @@ def sample_with_grad(
     keep_activations_bytes: int = 0,
     checkpoint_mode: str = "non_reentrant",
     eps_args: tuple[Tensor, ...] = (),
+    grad_rows: int | None = None,
 ) -> Tensor | tuple[Tensor, list[Tensor]]:
     """Run the scheduler's sampler from x_T and return x_0 (B, C, h, w), differentiable per ``estimator``.
 
@@ -311,6 +374,11 @@ def sample_with_grad(
       that need a gradient as ``eps_args``). Same values; the same gradients up to float summation order (the
       reentrant one adds each call's parameter gradients into ``.grad`` separately).
     eps_args: tensors passed to every model call as eps_fn(x, t, *eps_args) (default: none, eps_fn(x, t)).
+    grad_rows: with gradients on, only the first ``grad_rows`` images of the batch are differentiated; the
+      others ride along in the same model calls (checkpointed: one batched call, recomputed in backward for
+      the first rows only; not checkpointed: a separate no-grad call) and come out without a gradient path
+      through the model. Needs ``eps_args`` (their rows split like the images; eps_fn must accept any batch)
+      and a model that treats rows independently. None = all rows (the default).
     Works under torch.no_grad (generation). With ``return_trajectory`` also returns the N + 1 latents
     [x_T * init_noise_sigma, ..., x_0].
     """
@@ -324,6 +392,14 @@ def sample_with_grad(
         raise ValueError(f"checkpoint_mode must be one of {CHECKPOINT_MODES}, got {checkpoint_mode!r}")
     eps_args = tuple(eps_args)
     model = (lambda xx, tt: eps_fn(xx, tt, *eps_args)) if eps_args else eps_fn
+    if grad_rows is not None and grad_rows >= x_T.shape[0]:
+        grad_rows = None
+    if grad_rows is not None:
+        if not 0 < grad_rows or not eps_args:
+            raise ValueError(f"grad_rows={grad_rows} needs 0 < grad_rows and eps_args (the model's per-row inputs)")
+        if any(a.shape[0] != x_T.shape[0] for a in eps_args):
+            raise ValueError(f"grad_rows: every eps_args tensor needs {x_T.shape[0]} rows (one per image), got "
+                             f"{[tuple(a.shape) for a in eps_args]}")
     if num_inference_steps is not None:
         scheduler.set_timesteps(num_inference_steps, device=x_T.device)
     # Coefficients in the latent's dtype (float32 at least) so float32 runs round exactly as diffusers does.
@@ -349,7 +425,11 @@ def sample_with_grad(
             t = torch.tensor(st.timestep, dtype=torch.long, device=x.device)
             # 1. Model output. Adjusted DFT (METHOD 4, step 1) feeds the model a detached latent.
             x_in = x.detach() if adjusted else x
-            if step_grad and checkpoint and kept.bytes < keep_activations_bytes:
+            if step_grad and grad_rows is not None:
+                ckpt = checkpoint and kept.bytes >= keep_activations_bytes
+                with torch.autograd.graph.saved_tensors_hooks(kept.pack, _unpack) if not ckpt else _no_hooks():
+                    m = _grad_rows_output(eps_fn, x_in, t, scheduler, guidance_scale, eps_args, grad_rows, ckpt)
+            elif step_grad and checkpoint and kept.bytes < keep_activations_bytes:
                 with torch.autograd.graph.saved_tensors_hooks(kept.pack, _unpack):
                     m = _guided_output(model, x_in, t, scheduler, guidance_scale)
             elif step_grad and checkpoint and checkpoint_mode == "reentrant":

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from fairdiff_ray.config import FairDiffConfig
+from fairdiff_ray.config import UNET_KINDS, FairDiffConfig
 from fairdiff_ray.core import metrics as cm
 from fairdiff_ray.core.ot import assign_targets, expected_targets_separated
 from fairdiff_ray.core.sampler import sample_with_grad
@@ -156,6 +156,9 @@ class Worker:
         # step keeps up to chunks x this); 0 = checkpoint every call
         self.keep_activations_bytes = int(cfg.sampler.keep_activations_mb * 2**20)
         self.checkpoint_mode = cfg.checkpoint_mode()  # how checkpointed eps calls are wrapped (auto resolved)
+        # fused schedule, adaptor outside the UNet (the frozen and the current model share it): the reference
+        # images ride along in the current images' UNet calls (core.sampler grad_rows) instead of a chain of their own
+        self.batch_reference = cfg.train.schedule == "fused" and cfg.adaptor.kind not in UNET_KINDS
 
     # -- generation ----------------------------------------------------------------------------------------
 
@@ -182,6 +185,37 @@ class Worker:
                 images = decode_latents(self.comp.vae, x_0)
         return images.float()
 
+    def generate_with_reference(self, prompts: list[str], x_T: torch.Tensor, steps: int,
+                                trunc_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(current images with gradients, the base model's images without) from the same noises, in one chain:
+        the base rows batched behind the current ones in every UNet call, differentiated through the current
+        rows only. Only for adaptors outside the UNet (``batch_reference``)."""
+        from fairdiff_ray.models.sd import decode_latents, make_scheduler, unet_eps_args, unet_eps_fn
+
+        s, b = self.cfg.sampler, len(prompts)
+        cond = self.adaptor.encode(prompts)
+        uncond = self.adaptor.uncond(b) if s.guidance_scale > 1 else None
+        with torch.no_grad(), self.adaptor.disabled():
+            cond_base = self.adaptor.encode(prompts)
+            uncond_base = self.adaptor.uncond(b) if uncond is not None else None
+        cond2 = torch.cat([cond, cond_base])
+        uncond2 = torch.cat([uncond, uncond_base]) if uncond is not None else None
+        x_0 = sample_with_grad(
+            unet_eps_fn(self.comp.unet, cond2, uncond2), torch.cat([x_T, x_T]),
+            make_scheduler(s.scheduler, self.comp.scheduler_config), estimator=s.estimator, truncate_k=s.truncate_k,
+            checkpoint=s.checkpoint, guidance_scale=s.guidance_scale,
+            generator=torch.Generator().manual_seed(trunc_seed), num_inference_steps=steps,
+            keep_activations_bytes=self.keep_activations_bytes, checkpoint_mode=self.checkpoint_mode,
+            eps_args=unet_eps_args(cond2, uncond2), grad_rows=b,
+        )
+        if s.checkpoint:
+            images = _checkpoint(decode_latents, self.comp.vae, x_0[:b], use_reentrant=False)
+        else:
+            images = decode_latents(self.comp.vae, x_0[:b])
+        with torch.no_grad():
+            ref = decode_latents(self.comp.vae, x_0[b:].detach())
+        return images.float(), ref.float()
+
     def _noise(self, step: int, p_idx: int, rows: slice) -> torch.Tensor:
         start = self.rank * self.n_local
         seeds = image_seeds(self.cfg, step, p_idx, range(start + rows.start, start + rows.stop))
@@ -206,13 +240,19 @@ class Worker:
             for sl in self.chunks:  # passes 1-2: reference and current images, probabilities
                 x_T = self._noise(step, p_idx, sl)
                 b = sl.stop - sl.start
-                with torch.no_grad():
-                    refs.append(self.loss.reference(self.generate([prompt] * b, x_T, steps, grad=False, base=True,
-                                                                  trunc_seed=trunc)))
                 fused = cfg.train.schedule == "fused"
-                with contextlib.nullcontext() if fused else torch.no_grad():
-                    images = self.generate([prompt] * b, x_T, steps, grad=fused, trunc_seed=trunc)
+                if self.batch_reference:
+                    images, ref_images = self.generate_with_reference([prompt] * b, x_T, steps, trunc_seed=trunc)
+                    with torch.no_grad():
+                        refs.append(self.loss.reference(ref_images))
                     scored = self.loss.score(images)
+                else:
+                    with torch.no_grad():
+                        refs.append(self.loss.reference(self.generate([prompt] * b, x_T, steps, grad=False,
+                                                                      base=True, trunc_seed=trunc)))
+                    with contextlib.nullcontext() if fused else torch.no_grad():
+                        images = self.generate([prompt] * b, x_T, steps, grad=fused, trunc_seed=trunc)
+                        scored = self.loss.score(images)
                 kept.append((images, scored) if fused else None)
                 probs.append(scored.probs)
                 found.append(scored.faces.found.cpu())

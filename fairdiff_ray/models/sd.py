@@ -303,16 +303,16 @@ def unet_eps_fn(unet: torch.nn.Module, cond: Tensor, uncond: Tensor | None) -> C
     (classifier-free guidance) batch of 2B latents. ``uncond`` None -> guidance must be off (B rows).
     eps_fn(x, t, cond, uncond) uses the embeddings passed instead (core.sampler's ``eps_args``, which the
     reentrant checkpoint needs to pass their gradients on): see ``unet_eps_args``."""
-    b = cond.shape[0]
     both = torch.cat([uncond, cond]) if uncond is not None else None
     if uncond is not None and uncond.shape != cond.shape:
         raise ValueError(f"uncond shape {tuple(uncond.shape)} differs from cond shape {tuple(cond.shape)}")
 
     def eps_fn(x: Tensor, t: Tensor, *emb_args: Tensor) -> Tensor:
-        c, pair = cond, both
-        if emb_args:
+        c, pair, b = cond, both, cond.shape[0]
+        if emb_args:  # any number of rows (the sampler's grad_rows splits them)
             c = emb_args[0]
             pair = torch.cat([emb_args[1], c]) if len(emb_args) > 1 else None
+            b = c.shape[0]
         if x.shape[0] == b:
             emb = c
         elif pair is not None and x.shape[0] == 2 * b:
