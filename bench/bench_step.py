@@ -11,12 +11,14 @@ each warmed up with one step. Then, per round, interleaved and in a rotating ord
              decode; no scoring): the floor a training step is measured against;
   reference  one training step with train.schedule=reference (reference images, current images under
              no_grad, then the images again with gradients, backward);
-  fused      one training step with train.schedule=fused (every eps call checkpointed: memory flat in T);
+  fused      one training step with train.schedule=fused (every eps call checkpointed: memory flat in T; the
+             default sampler.checkpoint_mode auto = reentrant here, and the frozen model's reference images
+             batched into the current images' UNet calls, as the worker does for a text-encoder adaptor);
   selective  the same fused step with selective checkpointing: eps calls keep their activations for
              backward (no recomputation) up to --keep-mb per chunk (sampler.keep_activations_mb), the
              rest are checkpointed;
-  reentrant  the fused step with every eps call checkpointed by torch's reentrant checkpoint
-             (sampler.checkpoint_mode=reentrant: the forward runs the UNet without recording its graph).
+  non_reentrant  the fused step with torch's non-reentrant checkpoint instead (sampler.checkpoint_mode=
+             non_reentrant; the reference images then run as a chain of their own).
 Reported: the median over rounds of each time and of each per-round ratio (ratios within a round are side by
 side, so load from other processes on the machine affects both sides alike as far as possible).
 
@@ -43,7 +45,7 @@ if str(ROOT) not in sys.path:
 from bench.common import BENCHMARKS, machine, write_section, write_summary  # noqa: E402
 
 PROMPT = "A photo of the face of a nurse, a person"
-VARIANTS = ("gen", "reference", "fused", "selective", "reentrant")
+VARIANTS = ("gen", "reference", "fused", "selective", "non_reentrant")
 
 
 def _overrides(args: argparse.Namespace, model: str) -> list[str]:
@@ -111,15 +113,16 @@ def measure(args: argparse.Namespace, model: str) -> dict:
         finally:
             w.keep_activations_bytes = 0
 
-    def reentrant(step: int) -> None:  # the fused step, every eps call under the reentrant checkpoint
-        mode, w.checkpoint_mode = w.checkpoint_mode, "reentrant"
+    def non_reentrant(step: int) -> None:  # the fused step, torch's default checkpoint, separate reference chain
+        mode, batch = w.checkpoint_mode, w.batch_reference
+        w.checkpoint_mode, w.batch_reference = "non_reentrant", False
         try:
             w.train_step([PROMPT], step)
         finally:
-            w.checkpoint_mode = mode
+            w.checkpoint_mode, w.batch_reference = mode, batch
 
     calls = {"gen": gen, "reference": lambda s: workers["reference"].train_step([PROMPT], s),
-             "fused": lambda s: w.train_step([PROMPT], s), "selective": selective, "reentrant": reentrant}
+             "fused": lambda s: w.train_step([PROMPT], s), "selective": selective, "non_reentrant": non_reentrant}
     wall: dict[str, list[float]] = {v: [] for v in VARIANTS}
     cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for v in VARIANTS:  # warm-up (allocator, kernels, DeepSpeed's first step)
@@ -142,9 +145,9 @@ def measure(args: argparse.Namespace, model: str) -> dict:
             return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
         return {"fused/reference": med("fused", "reference"), "selective/reference": med("selective", "reference"),
-                "reentrant/reference": med("reentrant", "reference"), "reference/gen": med("reference", "gen"),
+                "non_reentrant/reference": med("non_reentrant", "reference"), "reference/gen": med("reference", "gen"),
                 "fused/gen": med("fused", "gen"), "selective/gen": med("selective", "gen"),
-                "reentrant/gen": med("reentrant", "gen")}
+                "non_reentrant/gen": med("non_reentrant", "gen")}
 
     # CPU: process CPU time is the primary clock (one torch thread; other processes on a shared machine
     # stretch wall time, not the work done); CUDA: wall time (synchronised)
@@ -171,18 +174,18 @@ def compute_dtype_name(cfg) -> str:  # noqa: ANN001
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | N | T | dtype | clock | gen s | reference s | fused s | selective s | reentrant s | "
-             "fused / reference | selective / reference | reentrant / reference | reference / gen | fused / gen | "
-             "selective / gen | reentrant / gen | wall clock: fused, selective, reentrant / reference |",
+    lines = ["| model | N | T | dtype | clock | gen s | reference s | fused s | selective s | non_reentrant s | "
+             "fused / reference | selective / reference | non_reentrant / reference | reference / gen | fused / gen | "
+             "selective / gen | non_reentrant / gen | wall clock: fused, selective, non_reentrant / reference |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m, q, w = r["median_s"], r["ratio"], r["ratio_wall"]
         lines.append(f"| {r['model']} | {r['images']} | {r['steps']} | {r['dtype']} | {r['clock']} | {m['gen']:.3f} | "
-                     f"{m['reference']:.3f} | {m['fused']:.3f} | {m['selective']:.3f} | {m['reentrant']:.3f} | "
-                     f"{q['fused/reference']:.2f}x | {q['selective/reference']:.2f}x | {q['reentrant/reference']:.2f}x | "
+                     f"{m['reference']:.3f} | {m['fused']:.3f} | {m['selective']:.3f} | {m['non_reentrant']:.3f} | "
+                     f"{q['fused/reference']:.2f}x | {q['selective/reference']:.2f}x | {q['non_reentrant/reference']:.2f}x | "
                      f"{q['reference/gen']:.2f}x | {q['fused/gen']:.2f}x | {q['selective/gen']:.2f}x | "
-                     f"{q['reentrant/gen']:.2f}x | {w['fused/reference']:.2f}x, {w['selective/reference']:.2f}x, "
-                     f"{w['reentrant/reference']:.2f}x |")
+                     f"{q['non_reentrant/gen']:.2f}x | {w['fused/reference']:.2f}x, {w['selective/reference']:.2f}x, "
+                     f"{w['non_reentrant/reference']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -197,8 +200,10 @@ def section(rows: list[dict], args: argparse.Namespace) -> str:
         "dist.worker.Worker per schedule (gloo group of size 1), one prompt, N images in one chunk, T DDIM steps, "
         "guidance 7.5, text-encoder LoRA rank 8, adjusted estimator, checkpointed eps calls and VAE decode; "
         f"selective = the fused step keeping eps-call activations up to {args.keep_mb:g} MB per chunk instead of "
-        "recomputing them (calls beyond that are checkpointed); reentrant = the fused step with every eps call "
-        "under torch's reentrant checkpoint (sampler.checkpoint_mode=reentrant; fused uses the non-reentrant one). "
+        "recomputing them (calls beyond that are checkpointed); fused and selective use the default "
+        "sampler.checkpoint_mode (auto: reentrant) and batch the frozen model's reference images into the current "
+        "images' UNet calls; non_reentrant = the fused step with torch's default checkpoint and a separate "
+        "reference chain (the fused step before 2026-12-06). "
         f"Each variant warmed up once, then {args.repeats} rounds interleaved in rotating order; medians over "
         "rounds (ratios: median of the per-round ratios). gen = one no-grad generation of the same N images "
         "(same noise, T, guidance, adaptor on, VAE decode). Clock cpu = the process's CPU time (one torch "

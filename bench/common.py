@@ -72,7 +72,7 @@ def write_summary(path: Path = BENCHMARKS) -> None:
         for model, r in d.get("models", {}).items():
             where = f"{model}, N={r['images']}, T={r['steps']}, {r['dtype']} ({label}{alloc})"
             for v, how in (("fused", "all eps calls checkpointed"), ("selective", "selective checkpointing"),
-                           ("reentrant", "all eps calls checkpointed, reentrant")):
+                           ("non_reentrant", "all eps calls checkpointed, non-reentrant, separate reference chain")):
                 if f"{v}/reference" not in r:
                     continue
                 rows.append((f"{v} step / reference-schedule step ({how})", "<= 0.75x", r[f"{v}/reference"], 0.75,
@@ -85,7 +85,7 @@ def write_summary(path: Path = BENCHMARKS) -> None:
             unck = r.get("uncheckpointed")
             note = f"uncheckpointed: {unck:.2f}x" if unck is not None else "uncheckpointed: not run / failed"
             what = "peak live-tensor bytes" if key.endswith(" tensors") else "peak memory"
-            for k, how in (("checkpointed", "checkpointed"), ("checkpointed_reentrant", "checkpointed, reentrant")):
+            for k, how in (("checkpointed", "checkpointed, non-reentrant"), ("checkpointed_reentrant", "checkpointed, reentrant")):
                 if r.get(k) is not None:
                     rows.append((f"{what} T={r['t_hi']} / T={r['t_lo']}, {how}", "<= 1.15x", r[k], 1.15, True,
                                  f"{key} ({label}); {note}"))
