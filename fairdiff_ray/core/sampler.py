@@ -255,10 +255,6 @@ def _unpack(t: Tensor) -> Tensor:
     return t
 
 
-def _no_hooks() -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext()
-
-
 def _reentrant_output(
     eps_fn: EpsFn, x_in: Tensor, t: Tensor, scheduler: Any, guidance_scale: float, eps_args: tuple[Tensor, ...]
 ) -> Tensor:
@@ -427,7 +423,8 @@ def sample_with_grad(
             x_in = x.detach() if adjusted else x
             if step_grad and grad_rows is not None:
                 ckpt = checkpoint and kept.bytes >= keep_activations_bytes
-                with torch.autograd.graph.saved_tensors_hooks(kept.pack, _unpack) if not ckpt else _no_hooks():
+                hooks = contextlib.nullcontext() if ckpt else torch.autograd.graph.saved_tensors_hooks(kept.pack, _unpack)
+                with hooks:
                     m = _grad_rows_output(eps_fn, x_in, t, scheduler, guidance_scale, eps_args, grad_rows, ckpt)
             elif step_grad and checkpoint and kept.bytes < keep_activations_bytes:
                 with torch.autograd.graph.saved_tensors_hooks(kept.pack, _unpack):
