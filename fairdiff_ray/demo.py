@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fairdiff_ray.config import FairDiffConfig
+from fairdiff_ray.eval.aggregate import uncertain_attributes
 from fairdiff_ray.io import atomic_write_text
 
 DEBIASED = "debiased"
@@ -32,7 +33,7 @@ def before_after_table(summary: dict[str, Any]) -> str:
     models = summary["models"]
     attrs = list(next(iter(models.values()))["bias"])
     sems = sorted({k for m in models.values() for k in m.get("semantics", {})})
-    unc = [a for a in summary.get("target", {}) if all(a in m.get("uncertain", {}) for m in models.values())]
+    unc = uncertain_attributes(summary)
     head = ["model", *[f"bias {a}" for a in attrs], "face rate", *[f"uncertain {a}" for a in unc], *sems]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in models.items():

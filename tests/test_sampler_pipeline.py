@@ -267,3 +267,23 @@ def test_grad_rows_with_unet_parameters_and_bad_input(components):
     with pytest.raises(ValueError, match="rows"):
         sample_with_grad(unet_eps_fn(unet, cond, uncond), _latents(), sched(), num_inference_steps=2, grad_rows=1,
                          eps_args=(cond[:1], uncond[:1]))
+
+
+def test_reentrant_checkpoint_passes_inputs_whose_rows_are_not_the_images(components):
+    """checkpoint_mode 'reentrant' hands eps_args over whole: one (2B, L, D) tensor of CFG embeddings for B
+    images (bench_sampler_memory's seam) gets the non-reentrant checkpoint's gradient."""
+    unet = components["unet"].requires_grad_(False)
+    base = torch.cat([_embed(components, [""] * BATCH), _embed(components, [PROMPT] * BATCH)])
+    grads = []
+    try:
+        for mode in ("reentrant", "non_reentrant"):
+            emb = base.clone().requires_grad_(True)
+            x0 = sample_with_grad(lambda x, t, e: unet(x, t, encoder_hidden_states=e).sample, _latents(),
+                                  _schedulers(components)["ddim"](), estimator="adjusted", checkpoint=True,
+                                  checkpoint_mode=mode, eps_args=(emb,), num_inference_steps=3)
+            x0.square().mean().backward()
+            grads.append(emb.grad)
+    finally:
+        unet.requires_grad_(True)
+    assert grads[0].shape == base.shape and grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-8)

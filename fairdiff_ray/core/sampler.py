@@ -255,28 +255,18 @@ def _unpack(t: Tensor) -> Tensor:
     return t
 
 
-def _reentrant_output(
-    eps_fn: EpsFn, x_in: Tensor, t: Tensor, scheduler: Any, guidance_scale: float, eps_args: tuple[Tensor, ...]
-) -> Tensor:
-    """_guided_output under torch's reentrant checkpoint. ``anchor`` (an empty leaf that needs a gradient) makes
-    the output part of the graph even when no input needs a gradient (UNet-only adaptors: x_in detached, the
-    embeddings frozen), so the call's backward still runs and reaches the trainable parameters."""
-
-    def run(x: Tensor, t_: Tensor, _anchor: Tensor, *args: Tensor) -> Tensor:
-        return _guided_output(lambda xx, tt: eps_fn(xx, tt, *args), x, t_, scheduler, guidance_scale)
-
-    anchor = torch.empty(0, device=x_in.device, requires_grad=True)
-    return _torch_checkpoint(run, x_in, t, anchor, *eps_args, use_reentrant=True, preserve_rng_state=True)
-
-
-class _GradRowsCheckpoint(torch.autograd.Function):
-    """One model call on the whole batch without recording (forward), recomputed in backward for the first
-    ``n_grad`` rows only: rows after them ride along in the forward (batched with the rows that train, e.g. the
-    frozen model's reference images next to the current ones when only the text encoder is adapted) and cost
-    nothing in backward. The model must treat rows independently (no batch statistics), as a UNet does."""
+class _ReentrantCheckpoint(torch.autograd.Function):
+    """The reentrant checkpoint of one model call: the forward runs it on the whole batch without recording
+    (one autograd node), the backward re-runs it with gradients on for the first ``n_grad`` rows and
+    backpropagates inside (into the model's parameters, x and the explicit inputs). With n_grad None it is
+    checkpoint_mode 'reentrant' (inputs whole); with n_grad rows the rest ride along in the forward
+    (e.g. the frozen model's reference images next to the current ones when only the text encoder is adapted)
+    and cost nothing in backward - the model must then treat rows independently (no batch statistics), as a
+    UNet does. ``_anchor``, an empty leaf that needs a gradient, puts the output in the graph even when no
+    input needs one (UNet-only adaptors: x detached, the embeddings frozen)."""
 
     @staticmethod
-    def forward(ctx, run, n_grad: int, x: Tensor, t: Tensor, _anchor: Tensor, *args: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, run, n_grad: int | None, x: Tensor, t: Tensor, _anchor: Tensor, *args: Tensor) -> Tensor:  # type: ignore[override]
         ctx.run, ctx.n_grad = run, n_grad
         ctx.devices = sorted({a.device for a in (x, *args) if a.device.type == "cuda"}, key=str)
         ctx.rng = torch.get_rng_state()
@@ -288,19 +278,19 @@ class _GradRowsCheckpoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, t, *args = ctx.saved_tensors
-        n = ctx.n_grad
-        xs = x[:n].detach().requires_grad_(x.requires_grad)
-        subs = [a[:n].detach().requires_grad_(a.requires_grad) for a in args]
+        n = ctx.n_grad  # None: every row, and the inputs are not split (their rows need not be the images')
+        xs = (x if n is None else x[:n]).detach().requires_grad_(x.requires_grad)
+        subs = [(a if n is None else a[:n]).detach().requires_grad_(a.requires_grad) for a in args]
         with torch.random.fork_rng(devices=ctx.devices), torch.enable_grad():
             torch.set_rng_state(ctx.rng)
             for d, state in zip(ctx.devices, ctx.cuda_rng):
                 torch.cuda.set_rng_state(state, d)
             out = ctx.run(xs, t, *subs)
-        torch.autograd.backward(out, grad[:n])
+        torch.autograd.backward(out, grad if n is None else grad[:n])
 
         def padded(full: Tensor, part: Tensor) -> Tensor | None:
-            if part.grad is None:
-                return None
+            if part.grad is None or n is None:
+                return part.grad
             return torch.cat([part.grad, part.grad.new_zeros((full.shape[0] - n, *full.shape[1:]))])
 
         return (None, None, padded(x, xs), None, None, *(padded(a, s) for a, s in zip(args, subs)))
@@ -308,18 +298,20 @@ class _GradRowsCheckpoint(torch.autograd.Function):
 
 def _grad_rows_output(
     eps_fn: EpsFn, x_in: Tensor, t: Tensor, scheduler: Any, guidance_scale: float, eps_args: tuple[Tensor, ...],
-    n_grad: int, checkpoint: bool,
+    n_grad: int | None, checkpoint: bool,
 ) -> Tensor:
     """The post-CFG output of all rows, differentiable through the first ``n_grad`` rows only (the rest is
-    computed without gradient). Checkpointed: one batched call (_GradRowsCheckpoint); else two calls, the
-    trailing rows under no_grad, so autograd never holds their activations."""
+    computed without gradient; None: every row, ``eps_args`` passed whole). Checkpointed: one batched call (_ReentrantCheckpoint, reentrant); else two calls,
+    the trailing rows under no_grad, so autograd never holds their activations."""
 
     def run(x: Tensor, t_: Tensor, *args: Tensor) -> Tensor:
         return _guided_output(lambda xx, tt: eps_fn(xx, tt, *args), x, t_, scheduler, guidance_scale)
 
     if checkpoint:
         anchor = torch.empty(0, device=x_in.device, requires_grad=True)
-        return _GradRowsCheckpoint.apply(run, n_grad, x_in, t, anchor, *eps_args)
+        return _ReentrantCheckpoint.apply(run, n_grad, x_in, t, anchor, *eps_args)
+    if n_grad is None:
+        return run(x_in, t, *eps_args)
     head = run(x_in[:n_grad], t, *(a[:n_grad] for a in eps_args))
     with torch.no_grad():
         tail = run(x_in[n_grad:], t, *(a[n_grad:] for a in eps_args))
@@ -374,7 +366,8 @@ def sample_with_grad(
       others ride along in the same model calls (checkpointed: one batched call, recomputed in backward for
       the first rows only; not checkpointed: a separate no-grad call) and come out without a gradient path
       through the model. Needs ``eps_args`` (their rows split like the images; eps_fn must accept any batch)
-      and a model that treats rows independently. None = all rows (the default).
+      and a model that treats rows independently; its checkpointed calls use the reentrant checkpoint whatever
+      ``checkpoint_mode`` says. None = all rows (the default).
     Works under torch.no_grad (generation). With ``return_trajectory`` also returns the N + 1 latents
     [x_T * init_noise_sigma, ..., x_0].
     """
@@ -421,20 +414,16 @@ def sample_with_grad(
             t = torch.tensor(st.timestep, dtype=torch.long, device=x.device)
             # 1. Model output. Adjusted DFT (METHOD 4, step 1) feeds the model a detached latent.
             x_in = x.detach() if adjusted else x
-            if step_grad and grad_rows is not None:
-                ckpt = checkpoint and kept.bytes >= keep_activations_bytes
-                hooks = contextlib.nullcontext() if ckpt else torch.autograd.graph.saved_tensors_hooks(kept.pack, _unpack)
-                with hooks:
-                    m = _grad_rows_output(eps_fn, x_in, t, scheduler, guidance_scale, eps_args, grad_rows, ckpt)
-            elif step_grad and checkpoint and kept.bytes < keep_activations_bytes:
-                with torch.autograd.graph.saved_tensors_hooks(kept.pack, _unpack):
-                    m = _guided_output(model, x_in, t, scheduler, guidance_scale)
-            elif step_grad and checkpoint and checkpoint_mode == "reentrant":
-                m = _reentrant_output(eps_fn, x_in, t, scheduler, guidance_scale, eps_args)
-            elif step_grad and checkpoint:
-                m = _torch_checkpoint(
-                    _guided_output, model, x_in, t, scheduler, guidance_scale, use_reentrant=False
-                )
+            # selective checkpointing: calls keep their activations (counted by kept.pack) until the budget is
+            # spent; later ones are checkpointed - the reentrant way (one node per call) or torch's default
+            ckpt = step_grad and checkpoint and kept.bytes >= keep_activations_bytes
+            if ckpt and (grad_rows is not None or checkpoint_mode == "reentrant"):
+                m = _grad_rows_output(eps_fn, x_in, t, scheduler, guidance_scale, eps_args, grad_rows, True)
+            elif ckpt:
+                m = _torch_checkpoint(_guided_output, model, x_in, t, scheduler, guidance_scale, use_reentrant=False)
+            elif step_grad:
+                with torch.autograd.graph.saved_tensors_hooks(kept.pack, _unpack) if checkpoint else contextlib.nullcontext():
+                    m = _grad_rows_output(eps_fn, x_in, t, scheduler, guidance_scale, eps_args, grad_rows, False)
             else:
                 m = _guided_output(model, x_in, t, scheduler, guidance_scale)
             # 2. Adjusted DFT (METHOD 4, step 2): scale the gradient arriving at this step's output by c_t.

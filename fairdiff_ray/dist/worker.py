@@ -162,59 +162,57 @@ class Worker:
 
     # -- generation ----------------------------------------------------------------------------------------
 
+    def _embeddings(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(cond, uncond or None without guidance) of the adaptor as it is now (enabled or not)."""
+        cond = self.adaptor.encode(prompts)  # first, as before (LoRA dropout draws in this order)
+        return cond, self.adaptor.uncond(len(prompts)) if self.cfg.sampler.guidance_scale > 1 else None
+
+    def _latents(self, cond: torch.Tensor, uncond: torch.Tensor | None, x_T: torch.Tensor, steps: int, grad: bool,
+                 trunc_seed: int, grad_rows: int | None = None) -> torch.Tensor:
+        """x_0 (B, 4, h, w) of the sampling chain on these embeddings (core.sampler); with ``grad_rows`` only the
+        first rows are differentiated."""
+        from fairdiff_ray.models.sd import make_scheduler, unet_eps_args, unet_eps_fn
+
+        s = self.cfg.sampler
+        return sample_with_grad(
+            unet_eps_fn(self.comp.unet, cond, uncond), x_T, make_scheduler(s.scheduler, self.comp.scheduler_config),
+            estimator=s.estimator, truncate_k=s.truncate_k, checkpoint=s.checkpoint and grad,
+            guidance_scale=s.guidance_scale, generator=torch.Generator().manual_seed(trunc_seed),
+            num_inference_steps=steps, keep_activations_bytes=self.keep_activations_bytes if grad else 0,
+            checkpoint_mode=self.checkpoint_mode, eps_args=unet_eps_args(cond, uncond), grad_rows=grad_rows,
+        )
+
+    def _decode(self, x_0: torch.Tensor, grad: bool) -> torch.Tensor:
+        """Images (B, 3, H, W) float32 in [-1, 1]; the VAE decoder checkpointed when it carries gradients."""
+        from fairdiff_ray.models.sd import decode_latents
+
+        if grad and self.cfg.sampler.checkpoint:
+            return _checkpoint(decode_latents, self.comp.vae, x_0, use_reentrant=False).float()
+        return decode_latents(self.comp.vae, x_0).float()
+
     def generate(self, prompts: list[str], x_T: torch.Tensor, steps: int, *, grad: bool, base: bool = False,
                  trunc_seed: int = 0) -> torch.Tensor:
         """Images (b, 3, H, W) float32 in [-1, 1] for b prompts/noises; the base model when ``base``."""
-        from fairdiff_ray.models.sd import decode_latents, make_scheduler, unet_eps_args, unet_eps_fn
-
-        s = self.cfg.sampler
         ctx = self.adaptor.disabled() if base else contextlib.nullcontext()
         with ctx, torch.set_grad_enabled(grad):
-            cond = self.adaptor.encode(prompts)
-            uncond = self.adaptor.uncond(len(prompts)) if s.guidance_scale > 1 else None
-            x_0 = sample_with_grad(
-                unet_eps_fn(self.comp.unet, cond, uncond), x_T, make_scheduler(s.scheduler, self.comp.scheduler_config),
-                estimator=s.estimator, truncate_k=s.truncate_k, checkpoint=s.checkpoint and grad,
-                guidance_scale=s.guidance_scale, generator=torch.Generator().manual_seed(trunc_seed),
-                num_inference_steps=steps, keep_activations_bytes=self.keep_activations_bytes if grad else 0,
-                checkpoint_mode=self.checkpoint_mode, eps_args=unet_eps_args(cond, uncond),
-            )
-            if grad and s.checkpoint:
-                images = _checkpoint(decode_latents, self.comp.vae, x_0, use_reentrant=False)
-            else:
-                images = decode_latents(self.comp.vae, x_0)
-        return images.float()
+            return self._decode(self._latents(*self._embeddings(prompts), x_T, steps, grad, trunc_seed), grad)
 
     def generate_with_reference(self, prompts: list[str], x_T: torch.Tensor, steps: int,
                                 trunc_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(current images with gradients, the base model's images without) from the same noises, in one chain:
         the base rows batched behind the current ones in every UNet call, differentiated through the current
         rows only. Only for adaptors outside the UNet (``batch_reference``)."""
-        from fairdiff_ray.models.sd import decode_latents, make_scheduler, unet_eps_args, unet_eps_fn
-
-        s, b = self.cfg.sampler, len(prompts)
-        cond = self.adaptor.encode(prompts)
-        uncond = self.adaptor.uncond(b) if s.guidance_scale > 1 else None
+        b = len(prompts)
+        cond, uncond = self._embeddings(prompts)
         with torch.no_grad(), self.adaptor.disabled():
-            cond_base = self.adaptor.encode(prompts)
-            uncond_base = self.adaptor.uncond(b) if uncond is not None else None
-        cond2 = torch.cat([cond, cond_base])
-        uncond2 = torch.cat([uncond, uncond_base]) if uncond is not None else None
-        x_0 = sample_with_grad(
-            unet_eps_fn(self.comp.unet, cond2, uncond2), torch.cat([x_T, x_T]),
-            make_scheduler(s.scheduler, self.comp.scheduler_config), estimator=s.estimator, truncate_k=s.truncate_k,
-            checkpoint=s.checkpoint, guidance_scale=s.guidance_scale,
-            generator=torch.Generator().manual_seed(trunc_seed), num_inference_steps=steps,
-            keep_activations_bytes=self.keep_activations_bytes, checkpoint_mode=self.checkpoint_mode,
-            eps_args=unet_eps_args(cond2, uncond2), grad_rows=b,
-        )
-        if s.checkpoint:
-            images = _checkpoint(decode_latents, self.comp.vae, x_0[:b], use_reentrant=False)
-        else:
-            images = decode_latents(self.comp.vae, x_0[:b])
+            cond_base, uncond_base = self._embeddings(prompts)
+        both = torch.cat([uncond, uncond_base]) if uncond is not None else None
+        x_0 = self._latents(torch.cat([cond, cond_base]), both, torch.cat([x_T, x_T]), steps, True, trunc_seed,
+                            grad_rows=b)
+        images = self._decode(x_0[:b], True)
         with torch.no_grad():
-            ref = decode_latents(self.comp.vae, x_0[b:].detach())
-        return images.float(), ref.float()
+            ref = self._decode(x_0[b:].detach(), False)
+        return images, ref
 
     def _noise(self, step: int, p_idx: int, rows: slice) -> torch.Tensor:
         start = self.rank * self.n_local

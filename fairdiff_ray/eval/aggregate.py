@@ -96,6 +96,12 @@ def _model_summary(pp: pd.DataFrame, attributes: dict[str, list[str]], joints: l
     return out
 
 
+def uncertain_attributes(summary: dict[str, Any]) -> list[str]:
+    """The aligned attributes every model of ``summary`` reports an uncertain share for (the tables' columns)."""
+    models = summary["models"].values()
+    return [a for a in summary.get("target", {}) if all(a in m.get("uncertain", {}) for m in models)]
+
+
 def target_gap(freq: dict[str, float | None], target: dict[str, float]) -> float | None:
     """Total-variation distance 0.5 * sum_k |freq[k] - target[k]| between mean frequencies and the target."""
     if any(freq.get(c) is None for c in target):

@@ -19,6 +19,7 @@ import pandas as pd
 from PIL import Image
 
 from fairdiff_ray.eval import charts
+from fairdiff_ray.eval.aggregate import uncertain_attributes
 from fairdiff_ray.eval.records import label_col, png_to_array
 from fairdiff_ray.io import atomic_write_bytes, atomic_write_text
 
@@ -45,7 +46,7 @@ def table1(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     first = summary["models"][models[0]]
     bias_names = list(first["bias"])
     sems = list(first["semantics"])
-    unc = [a for a in summary.get("target", {}) if all(a in summary["models"][m].get("uncertain", {}) for m in models)]
+    unc = uncertain_attributes(summary)
     header = ["model", *[f"bias {n.replace('_x_', ' × ')}" for n in bias_names], "face rate",
               *[f"uncertain {a}" for a in unc], *[_sem_name(s) for s in sems]]
     rows = []
