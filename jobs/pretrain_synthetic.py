@@ -2,6 +2,9 @@
 
     python jobs/pretrain_synthetic.py [--out assets/synthetic-sd] [--storage /tmp/fairdiff-pretrain] [key=value ...]
     fairdiff pretrain-synthetic steps=6000 vae_steps=1500
+    fairdiff pretrain-synthetic --out /tmp/sd-captions caption_mix=0.3 vae_from=assets/synthetic-sd   # captions that
+        # sometimes name attributes / start with other words, the VAE taken from an existing pipeline (no stage 1)
+    fairdiff pretrain-synthetic --name more init_from=RUN/checkpoint_.../state.pt steps=1200   # finetune a finished run
 
 Keys are PretrainSpec fields (fairdiff_ray/synthetic/pretrain.py). A rerun with the same --storage/--name
 resumes from the last checkpoint.

@@ -108,6 +108,54 @@ def test_pretraining_batch_is_deterministic() -> None:
     assert x1.shape == (8, 3, 32, 32)
 
 
+def test_varied_captions_name_the_render_and_keep_the_subject() -> None:
+    import re
+
+    import torch
+
+    from fairdiff_ray.synthetic.pretrain import PretrainSpec, _vary_captions, tokenize
+    from fairdiff_ray.synthetic.vocab import (
+        ATTRIBUTE_WORDS,
+        build_word_tokenizer,
+        varied_caption,
+        vocabulary_words,
+    )
+
+    rng = np.random.default_rng(0)
+    ss, seen_inline, seen_head = subjects(), 0, 0
+    for k in range(300):
+        s = ss[k % len(ss)]
+        a = {"gender": k % 2, "race": k % 4, "age": (k // 3) % 2}
+        cap = varied_caption(s.prompt, a, rng)
+        words = re.findall(r"[a-z]+", cap.lower())
+        assert s.subject in cap and set(words) <= set(vocabulary_words(captions=True)), cap
+        for attr, names in ATTRIBUTE_WORDS.items():  # only the render's own class words, never another class's
+            assert not ({n for i, n in enumerate(names) if i != a[attr]} & set(words) - set(s.prompt.lower().split())), cap
+        seen_head += not cap.startswith("A photo")
+        seen_inline += cap.startswith("A photo") and cap != s.prompt
+    assert seen_head > 50 and seen_inline > 30
+    assert varied_caption(ss[0].prompt, {"gender": 0}, np.random.default_rng(5)) == varied_caption(
+        ss[0].prompt, {"gender": 0}, np.random.default_rng(5))  # fmt: skip
+    # the pretraining batch re-captions only the chosen share of non-dropped rows
+    tok = build_word_tokenizer(vocabulary_words(captions=True))
+    assert len(tok) > len(build_word_tokenizer())  # the caption words are whole tokens of their own
+    base = tokenize(tok, [s.prompt for s in ss] + [""])
+    rows, ids = torch.arange(64), torch.arange(64) % len(ss)
+    drop = torch.zeros(64, dtype=torch.bool)
+    drop[:8] = True
+    attrs = {"gender": torch.zeros(64, dtype=torch.long), "race": torch.zeros(64, dtype=torch.long),
+             "age": torch.ones(64, dtype=torch.long)}  # fmt: skip
+    pid = torch.where(drop, torch.full_like(rows, len(ss)), ids)
+
+    def spec(mix: float) -> PretrainSpec:
+        return PretrainSpec(caption_mix=mix)
+
+    out = _vary_captions(tok, base[pid], rows, drop, ids, attrs, ss, spec(0.5), np.random.default_rng(1))
+    changed = (out != base[pid]).any(1)
+    assert not changed[:8].any() and 10 < int(changed.sum()) < 50
+    assert torch.equal(_vary_captions(tok, base[pid], rows, drop, ids, attrs, ss, spec(0.0), np.random.default_rng(1)), base[pid])
+
+
 def test_spec_overrides() -> None:
     from fairdiff_ray.synthetic.pretrain import spec_from_overrides
 
@@ -164,7 +212,8 @@ def test_pretraining_smoke_run_through_ray(tmp_path, ray_cluster) -> None:
 
     spec = spec_from_overrides(
         {"vae_channels": "8,8,8", "unet_channels": "8,16", "text_hidden": "16", "text_layers": "1", "vae_steps": "2",
-         "vae_batch": "4", "n_latents": "16", "steps": "2", "batch": "4", "report_every": "1", "checkpoint_every": "1"}
+         "vae_batch": "4", "n_latents": "16", "steps": "2", "batch": "4", "report_every": "1", "checkpoint_every": "1",
+         "caption_mix": "0.5"}
     )  # fmt: skip
     out = run_pretraining(spec, tmp_path / "sd", storage=str(tmp_path / "store"), name="smoke")
     assert json.loads((out / "pretrain_spec.json").read_text())["steps"] == 2
@@ -172,6 +221,15 @@ def test_pretraining_smoke_run_through_ray(tmp_path, ray_cluster) -> None:
     assert pipe.unet.config.block_out_channels == [8, 16] and pipe.unet.config.sample_size == 8
     assert _generate(pipe, subjects("sports")[0].prompt, 2, steps=2).shape == (2, 3, 32, 32)
     assert not (tmp_path / "sd.tmp").exists()
+    # vae_from: stage 1 skipped, the given pipeline's VAE taken as is
+    import dataclasses
+
+    import torch
+
+    again = run_pretraining(dataclasses.replace(spec, vae_from=str(out), seed=1, steps=1), tmp_path / "sd2",
+                            storage=str(tmp_path / "store"), name="smoke-vae-from")  # fmt: skip
+    vae2 = _stock_pipeline(again).vae.state_dict()
+    assert all(torch.equal(v, vae2[k]) for k, v in pipe.vae.state_dict().items())
 
 
 def test_shipped_model_reproduces_the_pretraining_bias() -> None:

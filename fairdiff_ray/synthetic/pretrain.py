@@ -27,7 +27,13 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from fairdiff_ray.core.seeding import stable_seed
 from fairdiff_ray.synthetic.render import ATTRIBUTES, render
-from fairdiff_ray.synthetic.vocab import Subject, build_word_tokenizer, subjects
+from fairdiff_ray.synthetic.vocab import (
+    Subject,
+    build_word_tokenizer,
+    subjects,
+    varied_caption,
+    vocabulary_words,
+)
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,11 @@ class PretrainSpec:
     report_every: int = 100
     checkpoint_every: int = 400
     init_from: str = ""  # a state.pt of an earlier run's checkpoint to continue from when this run has none
+    # share of captions that name some of the render's attributes and/or put other words first
+    # (vocab.varied_caption); 0 = every caption is the subject's fixed template prompt
+    caption_mix: float = 0.0
+    caption_name_prob: float = 0.5  # in a varied caption, the chance that each attribute is named
+    vae_from: str = ""  # a pipeline directory whose VAE (same vae_channels) replaces stage 1
 
 
 def spec_from_overrides(overrides: dict[str, str]) -> PretrainSpec:
@@ -81,7 +92,7 @@ def spec_from_overrides(overrides: dict[str, str]) -> PretrainSpec:
 # ----------------------------------------------------------------------------------------------- models
 def build_components(spec: PretrainSpec) -> dict[str, Any]:
     """Randomly initialised tokenizer, text encoder, UNet, VAE and DDIM scheduler, seeded by spec.seed."""
-    tokenizer = build_word_tokenizer(model_max_length=spec.max_length)
+    tokenizer = build_word_tokenizer(vocabulary_words(captions=spec.caption_mix > 0), model_max_length=spec.max_length)
     vocab = len(tokenizer)
     torch.manual_seed(stable_seed(spec.seed, "text_encoder") % 2**31)
     text_encoder = CLIPTextModel(
@@ -138,11 +149,16 @@ def draw_attributes(rows: list[Subject], seed: int) -> dict[str, np.ndarray]:
 
 def pretraining_batch(all_subjects: list[Subject], n: int, seed: int) -> tuple[list[int], torch.Tensor]:
     """(subject indices, images (n, 3, 32, 32) in [-1, 1]): uniform subjects, skewed attributes, fresh scenes."""
+    idx, _, img = _batch(all_subjects, n, seed)
+    return idx, img
+
+
+def _batch(all_subjects: list[Subject], n: int, seed: int) -> tuple[list[int], dict[str, np.ndarray], torch.Tensor]:
     rng = np.random.default_rng(stable_seed("pretrain-batch", seed))
     idx = rng.integers(0, len(all_subjects), n).tolist()
     a = draw_attributes([all_subjects[i] for i in idx], seed=int(rng.integers(2**62)))
     img = render(a["gender"], a["race"], a["age"], a["content"], seed=int(rng.integers(2**62)))["images"]
-    return idx, img
+    return idx, a, img
 
 
 # ----------------------------------------------------------------------------------------------- stages
@@ -160,14 +176,19 @@ def vae_step(vae: AutoencoderKL, x: torch.Tensor, kl_weight: float, generator: t
 
 
 @torch.no_grad()
-def encode_cache(vae: AutoencoderKL, all_subjects: list[Subject], n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(latents (n, 4, h, w) already scaled by vae.config.scaling_factor, subject indices (n,))."""
-    lat, ids = [], []
+def encode_cache(vae: AutoencoderKL, all_subjects: list[Subject], n: int, seed: int,
+                 attributes: bool = False):  # fmt: skip
+    """(latents (n, 4, h, w) already scaled by vae.config.scaling_factor, subject indices (n,)), and with
+    ``attributes`` a third item: {attribute: (n,) class indices of each render}."""
+    lat, ids, attrs = [], [], {a: [] for a in ATTRIBUTES}
     for i in range(0, n, 256):
-        idx, img = pretraining_batch(all_subjects, min(256, n - i), seed=stable_seed("cache", seed, i))
+        idx, a, img = _batch(all_subjects, min(256, n - i), seed=stable_seed("cache", seed, i))
         lat.append(vae.encode(img).latent_dist.mean * vae.config.scaling_factor)
         ids.extend(idx)
-    return torch.cat(lat), torch.tensor(ids)
+        for name in ATTRIBUTES:
+            attrs[name].append(torch.as_tensor(a[name]))
+    out = (torch.cat(lat), torch.tensor(ids))
+    return (*out, {k: torch.cat(v) for k, v in attrs.items()}) if attributes else out
 
 
 def unet_loss(comp: dict[str, Any], latents: torch.Tensor, input_ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -282,7 +303,7 @@ def _train_unet(comp: dict[str, Any], spec: PretrainSpec, state: dict[str, Any] 
             s.copy_(v)
         start = state["step"]
     all_subjects = subjects()
-    latents, ids = encode_cache(comp["vae"], all_subjects, spec.n_latents, spec.seed)
+    latents, ids, attrs = encode_cache(comp["vae"], all_subjects, spec.n_latents, spec.seed, attributes=True)
     prompt_ids = tokenize(comp["tokenizer"], [s.prompt for s in all_subjects] + [""])
     t0, run = time.time(), 0.0
     unet.train()
@@ -294,7 +315,11 @@ def _train_unet(comp: dict[str, Any], spec: PretrainSpec, state: dict[str, Any] 
         rows = torch.randint(0, latents.shape[0], (spec.batch,), generator=gen)
         drop = torch.rand(spec.batch, generator=gen) < spec.uncond_prob
         pid = torch.where(drop, torch.full_like(rows, len(all_subjects)), ids[rows])
-        loss = unet_loss(comp, latents[rows], prompt_ids[pid], gen)
+        input_ids = prompt_ids[pid]
+        if spec.caption_mix > 0:
+            input_ids = _vary_captions(comp["tokenizer"], input_ids, rows, drop, ids, attrs, all_subjects,
+                                       spec, np.random.default_rng(stable_seed(spec.seed, "caption", step)))  # fmt: skip
+        loss = unet_loss(comp, latents[rows], input_ids, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -314,24 +339,42 @@ def _train_unet(comp: dict[str, Any], spec: PretrainSpec, state: dict[str, Any] 
     return ema
 
 
+def _vary_captions(tokenizer, input_ids: torch.Tensor, rows: torch.Tensor, drop: torch.Tensor, ids: torch.Tensor,
+                   attrs: dict[str, torch.Tensor], all_subjects: list[Subject], spec: PretrainSpec,
+                   rng: np.random.Generator) -> torch.Tensor:  # fmt: skip
+    """input_ids with a ``spec.caption_mix`` share of the non-empty rows re-captioned by vocab.varied_caption."""
+    pick = [k for k in range(len(rows)) if not bool(drop[k]) and rng.random() < spec.caption_mix]
+    if not pick:
+        return input_ids
+    caps = [varied_caption(all_subjects[int(ids[rows[k]])].prompt, {a: int(attrs[a][rows[k]]) for a in attrs}, rng,
+                           spec.caption_name_prob) for k in pick]  # fmt: skip
+    out = input_ids.clone()
+    out[pick] = tokenize(tokenizer, caps)
+    return out
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker: VAE stage, scaling factor, UNet + text-encoder stage, final EMA pipeline."""
     spec = _spec_from_dict(config)
     torch.set_num_threads(spec.threads)
     comp = build_components(spec)
     state = _load_state()
+    finetune = False  # init_from a finished run: its weights start a new UNet + text-encoder stage
     if state is None and spec.init_from:
         state = torch.load(spec.init_from, weights_only=True)
+        finetune = state["stage"] == "done"
     if state is not None:
         comp["vae"].load_state_dict(state["vae"])
         if state["stage"] in ("unet", "done"):
             comp["unet"].load_state_dict(state["unet"])
             comp["text_encoder"].load_state_dict(state["text"])
-    if state is None or state["stage"] == "vae":
+    if state is None and spec.vae_from:
+        comp["vae"].load_state_dict(AutoencoderKL.from_pretrained(spec.vae_from, subfolder="vae").state_dict())
+    elif state is None or state["stage"] == "vae":
         _train_vae(comp, spec, state)
     comp["vae"].eval()
     _set_scaling_factor(comp["vae"], spec)
-    if state is None or state["stage"] != "done":
+    if state is None or state["stage"] != "done" or finetune:
         _train_unet(comp, spec, state if state is not None and state["stage"] == "unet" else None).copy_to_model()
     final = {"stage": "done", "step": spec.steps, "vae": comp["vae"].state_dict(), "unet": comp["unet"].state_dict(),
              "text": comp["text_encoder"].state_dict()}  # fmt: skip

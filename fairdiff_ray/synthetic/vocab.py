@@ -186,9 +186,44 @@ def content_class(prompt: str) -> int:
     return stable_seed("fairdiff-synthetic-content", VOCAB_SEED, " ".join(prompt.lower().split())) % N_CONTENT
 
 
-def vocabulary_words() -> list[str]:
-    """Every word of every prompt (the tokenizer's vocabulary), sorted."""
-    return sorted({w for s in subjects() for w in re.findall(r"[a-z]+", s.prompt.lower())})
+# Pretraining captions that name attributes (pretrain.PretrainSpec.caption_mix): real captions sometimes say
+# "woman", "old", ... and put other words first, so a model trained only on one fixed template reads no context
+# at all (a soft prompt then has nothing to act on). Words per class, in render.ATTRIBUTES order.
+ATTRIBUTE_WORDS: dict[str, tuple[str, ...]] = {
+    "gender": ("woman", "man"),
+    "race": ("white", "black", "indian", "asian"),
+    "age": ("young", "old"),
+}
+FILLER_WORDS = ("portrait", "closeup", "picture", "headshot", "studio", "detailed", "high", "quality")
+
+
+def varied_caption(prompt: str, attributes: dict[str, int], rng: np.random.Generator, name_prob: float = 0.5) -> str:
+    """A caption of one render: each attribute named with probability ``name_prob`` (its class word), the words either
+    before the subject ("... of a young woman senator, a person") or, with 0-4 filler words, ahead of the whole
+    prompt ("portrait woman old, A photo of ..."); with no attribute named, 1-5 filler words ahead."""
+    named = [ATTRIBUTE_WORDS[a][int(c)] for a, c in attributes.items() if a in ATTRIBUTE_WORDS and rng.random() < name_prob]
+    rng.shuffle(named)
+    if named and rng.random() < 0.5:
+        m = re.search(r"(of )(an?) (.+?)(, a person| person)$", prompt)
+        if m:
+            words = " ".join(named)
+            return prompt[: m.start()] + f"of {_article(words)} {words} {m.group(3)}{m.group(4)}"
+        m = re.search(r"(A photo of the face of a) (person playing .+)$", prompt)
+        if m:
+            return f"{m.group(1)} {' '.join(named)} {m.group(2)}"
+    fillers = list(rng.choice(FILLER_WORDS, size=int(rng.integers(0 if named else 1, 5)), replace=True))
+    head = named + fillers
+    rng.shuffle(head)
+    return " ".join(head) + ", " + prompt
+
+
+def vocabulary_words(captions: bool = False) -> list[str]:
+    """Every word of every prompt (the tokenizer's vocabulary), sorted; ``captions`` adds the words of
+    varied_caption (a model pretrained with caption_mix > 0 has them; the shipped one was not)."""
+    words = {w for s in subjects() for w in re.findall(r"[a-z]+", s.prompt.lower())}
+    if captions:
+        words |= {w for ws in ATTRIBUTE_WORDS.values() for w in ws} | set(FILLER_WORDS) | {"an"}
+    return sorted(words)
 
 
 def write_prompt_files(out_dir: str | Path = "data/prompts") -> list[Path]:
