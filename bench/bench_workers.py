@@ -125,6 +125,23 @@ def main(argv: list[str] | None = None) -> int:
         by_images[str(n)] = {"speedup": {str(w): round(v, 3) for w, v in speedup.items()},
                              "cpu_scaling": {str(w): round(v, 3) for w, v in cpu_scaling.items()},
                              "where": f"synthetic world, N={n}, T={args.sampling_steps}, {os.cpu_count()} CPUs"}
+    # Weak scaling (data-parallel throughput as usually quoted): W workers at N = W x n images per step against
+    # 1 worker at n, i.e. the same batch per worker, paired within a round
+    weak_lines, weak = [], {}
+    for w in args.workers:
+        for n in args.images:
+            if w == 1 or n % w or n // w not in args.images:
+                continue
+            pairs = [(x, y) for x in runs for y in runs if x["workers"] == w and x["images"] == n
+                     and y["workers"] == 1 and y["images"] == n // w and x["round"] == y["round"]]  # fmt: skip
+            if pairs:
+                r = statistics.median(x["images_per_s"] / y["images_per_s"] for x, y in pairs)
+                weak[f"{w}x{n // w}"] = round(r, 3)
+                weak_lines.append(f"| {n // w} | {w} (N={n}) | {r:.2f}x |")
+    if weak_lines:
+        lines += ["", "Same batch per worker (W workers at N = W x n vs 1 worker at n, paired within a round):", "",
+                  "| images per worker n | workers | images/s x 1 worker (median of per-round ratios) |",
+                  "|---|---|---|", *weak_lines]  # fmt: skip
     import platform
 
     text = (
@@ -142,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         "images/s ratio would approach on free cores, collectives aside).")
     print(text)
     if args.out != "-":
-        write_section(Path(args.out), "workers", text, {"by_images": by_images})
+        write_section(Path(args.out), "workers", text, {"by_images": by_images, "same_per_worker": weak})
         write_summary(Path(args.out))
         print(f"wrote {args.out}")
     print(json.dumps({n: d["speedup"] for n, d in by_images.items()}))

@@ -97,6 +97,10 @@ def write_summary(path: Path = BENCHMARKS) -> None:
                 note = f"; CPU-time scaling {cpu:.2f}x" if cpu is not None else ""
                 rows.append((f"images/s, {w} Ray Train workers / 1", ">= 1.7x" if w == "2" else "-", s,
                              1.7 if w == "2" else 0.0, False, r.get("where", "") + note))
+    for key, s in d.get("same_per_worker", {}).items():  # "WxN": W workers at W*N images vs 1 worker at N
+        w, n = key.split("x")
+        rows.append((f"images/s, {w} Ray Train workers / 1, same batch per worker", ">= 1.7x" if w == "2" else "-", s,
+                     1.7 if w == "2" else 0.0, False, f"{n} images per worker per step (N={int(w) * int(n)} vs {n})"))
     d = section_data(path, "eval") or {}
     for name, r in d.get("per_worker", {}).items():
         rows.append(("evaluation pipeline images/s per worker / plain diffusers loop", ">= 0.9x", r, 0.9, False,

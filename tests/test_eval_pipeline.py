@@ -142,10 +142,26 @@ def test_job_script_bad_input_is_one_line(tmp_path: Path) -> None:
 def test_ray_data_pipeline_equals_local(tmp_path: Path, ray_cluster) -> None:
     cfg = make_cfg(tmp_path, "eval.num_actors=1", "eval.cpus_per_actor=0.5")
     local = run(cfg, tmp_path, tmp_path / "local")
-    distributed = run_evaluation(cfg, {"debiased": adaptor_dir(tmp_path)}, tmp_path / "ray", executor="ray",
-                                 report=False, gen_loader=standin_gen_loader, score_loader=standin_score_loader,
-                                 log=lambda s: None)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        distributed = run_evaluation(cfg, {"debiased": adaptor_dir(tmp_path)}, tmp_path / "ray", executor="ray",
+                                     report=False, gen_loader=standin_gen_loader, score_loader=standin_score_loader,
+                                     log=lambda s: None)  # fmt: skip
+    assert not [w for w in caught if "ray_remote_args" in str(w.message)]  # Ray 2.64 removes them (_retry_args)
     assert distributed["models"] == local["models"]
     cols = ["model", "prompt", "j", "seed", "face_found", "label_gender", "label_race", "thumb"]
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "ray" / "records.parquet")[cols],
                                   pd.read_parquet(tmp_path / "local" / "records.parquet")[cols])
+
+
+def test_retry_bounds_only_while_map_batches_takes_them() -> None:
+    from fairdiff_ray.eval.pipeline import ACTOR_RESTARTS, TASK_RETRIES, _retry_args
+
+    def old_api(fn, *, batch_size=None, **ray_remote_args): ...
+
+    def new_api(fn, *, batch_size=None, resources=None): ...
+
+    assert _retry_args(old_api) == {"max_restarts": ACTOR_RESTARTS, "max_task_retries": TASK_RETRIES}
+    assert _retry_args(new_api) == {}

@@ -403,3 +403,43 @@ def test_atomic_dir_failure_keeps_the_old_directory(tmp_path):
         raise RuntimeError("boom")
     assert [p.name for p in d.iterdir()] == ["a.png"] and (d / "a.png").read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary left behind
+
+
+_SIGTERM_JOB = """
+import os, sys, time
+from fairdiff_ray.dist.cluster import connect
+from fairdiff_ray.jobs_common import run_job
+
+def main(argv):
+    connect(None, num_cpus=1, include_dashboard=False, configure_logging=False)
+    with open(argv[0], "w") as f:
+        f.write(os.environ["RAY_TMPDIR"])
+    time.sleep(600)
+    return 0
+
+run_job(main)
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_shuts_the_private_cluster_down_and_removes_its_temp_root(tmp_path):
+    """A job on a private local cluster stopped with SIGTERM (ray job stop, timeout, a scheduler) exits through
+    the normal clean-up (ray.init's own SIGTERM handler raises SystemExit): its /tmp/fdray* root is removed."""
+    marker = tmp_path / "tmpdir"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")}
+    proc = subprocess.Popen([sys.executable, "-c", _SIGTERM_JOB, str(marker)], cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() or not marker.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.2)
+        root = marker.read_text()
+        assert root.startswith("/tmp/fdray") and os.path.isdir(root)
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == signal.SIGTERM, out[-3000:]  # ray.init's handler: sys.exit(signum)
+    assert not os.path.exists(root)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +163,19 @@ ACTOR_RESTARTS = 3
 TASK_RETRIES = 3
 
 
+def _retry_args(map_batches: Callable[..., Any]) -> dict[str, int]:
+    """max_restarts / max_task_retries for map_batches while it still takes them as ``**ray_remote_args``.
+
+    Ray 2.60 warns that ``**ray_remote_args`` goes away in Ray 2.64, and its named replacements (label_selector,
+    resources, runtime_env, ...) include no restart or retry bound. So: passed, with that one warning silenced
+    (at the call, see run_ray), while the signature accepts them; once it does not, Ray Data's own defaults
+    apply (unbounded restarts and retries) rather than a TypeError."""
+    import inspect
+
+    takes_extra = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(map_batches).parameters.values())
+    return {"max_restarts": ACTOR_RESTARTS, "max_task_retries": TASK_RETRIES} if takes_extra else {}
+
+
 def run_ray(rows: list[dict[str, Any]], spec: dict[str, Any], cfg: FairDiffConfig, sink: _Collector,
             gen_loader: Any = None, score_loader: Any = None) -> None:
     """Ray Data: generation actors -> scoring actor -> streamed to the driver, which writes parts. Actors are
@@ -176,18 +190,19 @@ def run_ray(rows: list[dict[str, Any]], spec: dict[str, Any], cfg: FairDiffConfi
     ev = cfg.eval
     blocks = max(1, min(len(rows) // ev.batch_size, 200))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
-    ds = ds.map_batches(
-        GenerateImages, fn_constructor_kwargs={"spec": spec, "loader": gen_loader},
-        batch_size=ev.batch_size, compute=ray.data.ActorPoolStrategy(size=ev.num_actors),
-        num_cpus=ev.cpus_per_actor, num_gpus=ev.gpus_per_actor or None,
-        max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES,
-    )
-    ds = ds.map_batches(
-        ScoreImages, fn_constructor_kwargs={"spec": spec, "loader": score_loader},
-        batch_size=ev.batch_size, compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=ev.cpus_per_actor, num_gpus=ev.gpus_per_actor or None,
-        max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES,
-    )
+    retry = _retry_args(ray.data.Dataset.map_batches)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*ray_remote_args.* is deprecated")
+        ds = ds.map_batches(
+            GenerateImages, fn_constructor_kwargs={"spec": spec, "loader": gen_loader},
+            batch_size=ev.batch_size, compute=ray.data.ActorPoolStrategy(size=ev.num_actors),
+            num_cpus=ev.cpus_per_actor, num_gpus=ev.gpus_per_actor or None, **retry,
+        )
+        ds = ds.map_batches(
+            ScoreImages, fn_constructor_kwargs={"spec": spec, "loader": score_loader},
+            batch_size=ev.batch_size, compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=ev.cpus_per_actor, num_gpus=ev.gpus_per_actor or None, **retry,
+        )
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         sink.add(batch)
 
