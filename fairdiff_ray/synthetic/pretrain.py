@@ -17,12 +17,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from fairdiff_ray.core.seeding import stable_seed
@@ -34,6 +33,9 @@ from fairdiff_ray.synthetic.vocab import (
     varied_caption,
     vocabulary_words,
 )
+
+if TYPE_CHECKING:  # diffusers is imported where used: a bad override or source fails before its import noise
+    from diffusers import AutoencoderKL
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ def spec_from_overrides(overrides: dict[str, str]) -> PretrainSpec:
 # ----------------------------------------------------------------------------------------------- models
 def build_components(spec: PretrainSpec) -> dict[str, Any]:
     """Randomly initialised tokenizer, text encoder, UNet, VAE and DDIM scheduler, seeded by spec.seed."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
     tokenizer = build_word_tokenizer(vocabulary_words(captions=spec.caption_mix > 0), model_max_length=spec.max_length)
     vocab = len(tokenizer)
     torch.manual_seed(stable_seed(spec.seed, "text_encoder") % 2**31)
@@ -126,6 +130,8 @@ def build_components(spec: PretrainSpec) -> dict[str, Any]:
 
 def save_pipeline(comp: dict[str, Any], out_dir: str | Path) -> None:
     """Stock diffusers layout (safetensors), loadable with StableDiffusionPipeline.from_pretrained(out_dir)."""
+    from diffusers import StableDiffusionPipeline
+
     pipe = StableDiffusionPipeline(
         vae=comp["vae"], text_encoder=comp["text_encoder"], tokenizer=comp["tokenizer"], unet=comp["unet"],
         scheduler=comp["scheduler"], safety_checker=None, feature_extractor=None, image_encoder=None,
@@ -369,6 +375,8 @@ def train_loop(config: dict[str, Any]) -> None:
             comp["unet"].load_state_dict(state["unet"])
             comp["text_encoder"].load_state_dict(state["text"])
     if state is None and spec.vae_from:
+        from diffusers import AutoencoderKL
+
         comp["vae"].load_state_dict(AutoencoderKL.from_pretrained(spec.vae_from, subfolder="vae").state_dict())
     elif state is None or state["stage"] == "vae":
         _train_vae(comp, spec, state)
@@ -382,6 +390,25 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- driver
+def check_sources(spec: PretrainSpec) -> None:
+    """One-line ValueErrors, before any Ray work, for an init_from / vae_from the run could not use."""
+    if spec.vae_from and not (Path(spec.vae_from) / "vae" / "config.json").is_file():
+        raise ValueError(f"vae_from={spec.vae_from}: no vae/config.json there; give a diffusers pipeline directory "
+                         "(e.g. assets/synthetic-sd)")  # fmt: skip
+    if not spec.init_from:
+        return
+    if not Path(spec.init_from).is_file():
+        raise ValueError(f"init_from={spec.init_from}: no such file; give a state.pt of a pretraining checkpoint")
+    state = torch.load(spec.init_from, weights_only=True)
+    key = "text_model.embeddings.token_embedding.weight"
+    have = state.get("text", {}).get(key)
+    want = len(build_word_tokenizer(vocabulary_words(captions=spec.caption_mix > 0)))
+    if have is not None and have.shape[0] != want:
+        raise ValueError(f"init_from={spec.init_from}: its text encoder has {have.shape[0]} tokens, this spec's "
+                         f"vocabulary {want} (caption words come with caption_mix > 0): use the same caption_mix "
+                         "setting (zero / non-zero) as the run it comes from")  # fmt: skip
+
+
 def run_pretraining(spec: PretrainSpec, out_dir: str | Path, storage: str = "/tmp/fairdiff-pretrain",
                     name: str = "synthetic-sd") -> Path:  # fmt: skip
     """Fit on one Ray Train worker (resumes ``storage/name`` if it exists) and write the pipeline to out_dir."""
@@ -390,6 +417,7 @@ def run_pretraining(spec: PretrainSpec, out_dir: str | Path, storage: str = "/tm
 
     from fairdiff_ray.dist.cluster import connect
 
+    check_sources(spec)
     connect(None, num_cpus=spec.threads, configure_logging=False)
     trainer = TorchTrainer(
         train_loop,
