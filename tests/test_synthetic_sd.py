@@ -163,20 +163,21 @@ def test_pretraining_sources_are_checked_before_any_work(tmp_path) -> None:
 
     import torch
 
+    from fairdiff_ray.errors import ConfigError
     from fairdiff_ray.synthetic.pretrain import PretrainSpec, check_sources
     from fairdiff_ray.synthetic.vocab import build_word_tokenizer, vocabulary_words
 
     spec = PretrainSpec()
     check_sources(dataclasses.replace(spec, vae_from=str(ROOT / "assets" / "synthetic-sd")))  # the shipped one: fine
-    with pytest.raises(ValueError, match="vae_from=.*no vae/config.json"):
+    with pytest.raises(ConfigError, match="vae_from=.*no vae/config.json"):
         check_sources(dataclasses.replace(spec, vae_from=str(tmp_path)))
-    with pytest.raises(ValueError, match="init_from=.*no such file"):
+    with pytest.raises(ConfigError, match="init_from=.*no such file"):
         check_sources(dataclasses.replace(spec, init_from=str(tmp_path / "state.pt")))
     key = "text_model.embeddings.token_embedding.weight"
     n_plain = len(build_word_tokenizer(vocabulary_words()))
     torch.save({"stage": "done", "text": {key: torch.zeros(n_plain, 4)}}, tmp_path / "state.pt")
     check_sources(dataclasses.replace(spec, init_from=str(tmp_path / "state.pt")))
-    with pytest.raises(ValueError, match="same caption_mix"):
+    with pytest.raises(ConfigError, match="same caption_mix"):
         check_sources(dataclasses.replace(spec, init_from=str(tmp_path / "state.pt"), caption_mix=0.3))
     r = subprocess.run([sys.executable, str(ROOT / "jobs" / "pretrain_synthetic.py"), "--out", str(tmp_path / "out"),
                         f"init_from={tmp_path / 'missing.pt'}"], capture_output=True, text=True, cwd=ROOT)  # fmt: skip

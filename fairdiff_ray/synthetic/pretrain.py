@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from fairdiff_ray.core.seeding import stable_seed
+from fairdiff_ray.errors import ConfigError
 from fairdiff_ray.synthetic.render import ATTRIBUTES, render
 from fairdiff_ray.synthetic.vocab import (
     Subject,
@@ -182,10 +183,10 @@ def vae_step(vae: AutoencoderKL, x: torch.Tensor, kl_weight: float, generator: t
 
 
 @torch.no_grad()
-def encode_cache(vae: AutoencoderKL, all_subjects: list[Subject], n: int, seed: int,
-                 attributes: bool = False):  # fmt: skip
-    """(latents (n, 4, h, w) already scaled by vae.config.scaling_factor, subject indices (n,)), and with
-    ``attributes`` a third item: {attribute: (n,) class indices of each render}."""
+def encode_cache(vae: AutoencoderKL, all_subjects: list[Subject], n: int,
+                 seed: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    """(latents (n, 4, h, w) already scaled by vae.config.scaling_factor, subject indices (n,),
+    {attribute: (n,) class indices of each render})."""
     lat, ids, attrs = [], [], {a: [] for a in ATTRIBUTES}
     for i in range(0, n, 256):
         idx, a, img = _batch(all_subjects, min(256, n - i), seed=stable_seed("cache", seed, i))
@@ -193,8 +194,7 @@ def encode_cache(vae: AutoencoderKL, all_subjects: list[Subject], n: int, seed: 
         ids.extend(idx)
         for name in ATTRIBUTES:
             attrs[name].append(torch.as_tensor(a[name]))
-    out = (torch.cat(lat), torch.tensor(ids))
-    return (*out, {k: torch.cat(v) for k, v in attrs.items()}) if attributes else out
+    return torch.cat(lat), torch.tensor(ids), {k: torch.cat(v) for k, v in attrs.items()}
 
 
 def unet_loss(comp: dict[str, Any], latents: torch.Tensor, input_ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -309,7 +309,7 @@ def _train_unet(comp: dict[str, Any], spec: PretrainSpec, state: dict[str, Any] 
             s.copy_(v)
         start = state["step"]
     all_subjects = subjects()
-    latents, ids, attrs = encode_cache(comp["vae"], all_subjects, spec.n_latents, spec.seed, attributes=True)
+    latents, ids, attrs = encode_cache(comp["vae"], all_subjects, spec.n_latents, spec.seed)
     prompt_ids = tokenize(comp["tokenizer"], [s.prompt for s in all_subjects] + [""])
     t0, run = time.time(), 0.0
     unet.train()
@@ -391,22 +391,23 @@ def train_loop(config: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------------------------- driver
 def check_sources(spec: PretrainSpec) -> None:
-    """One-line ValueErrors, before any Ray work, for an init_from / vae_from the run could not use."""
+    """ConfigError (one line, exit 2 in a job), before any Ray work, for an init_from / vae_from the run could not
+    use."""
     if spec.vae_from and not (Path(spec.vae_from) / "vae" / "config.json").is_file():
-        raise ValueError(f"vae_from={spec.vae_from}: no vae/config.json there; give a diffusers pipeline directory "
-                         "(e.g. assets/synthetic-sd)")  # fmt: skip
+        raise ConfigError(f"vae_from={spec.vae_from}: no vae/config.json there; give a diffusers pipeline directory "
+                          "(e.g. assets/synthetic-sd)")  # fmt: skip
     if not spec.init_from:
         return
     if not Path(spec.init_from).is_file():
-        raise ValueError(f"init_from={spec.init_from}: no such file; give a state.pt of a pretraining checkpoint")
+        raise ConfigError(f"init_from={spec.init_from}: no such file; give a state.pt of a pretraining checkpoint")
     state = torch.load(spec.init_from, weights_only=True)
     key = "text_model.embeddings.token_embedding.weight"
     have = state.get("text", {}).get(key)
     want = len(build_word_tokenizer(vocabulary_words(captions=spec.caption_mix > 0)))
     if have is not None and have.shape[0] != want:
-        raise ValueError(f"init_from={spec.init_from}: its text encoder has {have.shape[0]} tokens, this spec's "
-                         f"vocabulary {want} (caption words come with caption_mix > 0): use the same caption_mix "
-                         "setting (zero / non-zero) as the run it comes from")  # fmt: skip
+        raise ConfigError(f"init_from={spec.init_from}: its text encoder has {have.shape[0]} tokens, this spec's "
+                          f"vocabulary {want} (caption words come with caption_mix > 0): use the same caption_mix "
+                          "setting (zero / non-zero) as the run it comes from")  # fmt: skip
 
 
 def run_pretraining(spec: PretrainSpec, out_dir: str | Path, storage: str = "/tmp/fairdiff-pretrain",
