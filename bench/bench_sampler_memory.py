@@ -44,11 +44,12 @@ if str(ROOT) not in sys.path:
 from bench.common import BENCHMARKS, machine, write_section, write_summary  # noqa: E402
 
 CHECKPOINTS = ("non_reentrant", "reentrant", "off")  # how eps calls are checkpointed (off: not at all)
-ALLOCATORS = ("default", "trim0")
+ALLOCATORS = ("default", "trim0", "trim0_mmap32m")
 # "tensors": the peak bytes of live tensors (fairdiff_ray.profiling.LiveTensorBytes), what
 # torch.cuda.max_memory_allocated measures on a GPU - the memory the chain needs, whatever the allocator keeps
 MEASURES = (*ALLOCATORS, "tensors")
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameter numbers
+MMAP_32M = 32 * 2**20  # glibc's largest mmap threshold on 64-bit: blocks below it come from the heap
 DEFAULT_MMAP_THRESHOLD = 128 * 1024  # glibc's start value, kept fixed when MALLOC_TRIM_THRESHOLD_ is set
 
 
@@ -140,10 +141,10 @@ def forked(fn, alloc: str) -> dict:  # noqa: ANN001
     if pid == 0:  # child
         os.close(r)
         try:
-            if alloc == "trim0":  # as MALLOC_TRIM_THRESHOLD_=0 at start-up: trim at 0 and no dynamic mmap
-                libc = ctypes.CDLL("libc.so.6")  # threshold (the parent's may have grown; put it back)
+            if alloc.startswith("trim0"):  # as MALLOC_TRIM_THRESHOLD_=0 at start-up: trim at 0 and no dynamic
+                libc = ctypes.CDLL("libc.so.6")  # mmap threshold (the parent's may have grown; put it back)
                 libc.mallopt(M_TRIM_THRESHOLD, 0)
-                libc.mallopt(M_MMAP_THRESHOLD, DEFAULT_MMAP_THRESHOLD)
+                libc.mallopt(M_MMAP_THRESHOLD, MMAP_32M if alloc == "trim0_mmap32m" else DEFAULT_MMAP_THRESHOLD)
             out = fn()
         except BaseException as e:  # noqa: BLE001 - reported to the parent, never raised in a fork
             out = {"error": f"{type(e).__name__}: {e}"[:200]}

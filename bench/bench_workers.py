@@ -86,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
         p.error("need --steps >= 2, --rounds >= 1 and 1 among --workers")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "0")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import ray
 

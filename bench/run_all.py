@@ -23,8 +23,8 @@ if str(ROOT) not in sys.path:
 
 from bench.common import BENCHMARKS, write_summary  # noqa: E402
 
-# name -> (command, environment changes); the step bench runs under both glibc settings (the training
-# workers run with MALLOC_TRIM_THRESHOLD_=0, which dist.trainer.training_worker_env sets; it changes step times on CPU)
+# name -> (command, environment changes); the step bench runs under both glibc settings (training workers run
+# with MALLOC_TRIM_THRESHOLD_=0 when ray.worker_malloc_trim is set; it changes step times on CPU)
 SCRIPTS: dict[str, tuple[list[str], dict[str, str | None]]] = {
     "ot": (["bench/bench_ot.py"], {}),
     "step": (["bench/bench_step.py"], {"MALLOC_TRIM_THRESHOLD_": None}),

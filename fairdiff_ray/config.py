@@ -162,7 +162,7 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.01, ge=0)
     images_per_prompt: int = Field(24, gt=0)  # N, summed over all workers
     prompts_per_step: int = Field(1, gt=0)
-    chunk_size: int = Field(8, gt=0)  # images per backward chunk on one worker
+    chunk_size: int = Field(8, gt=0)  # images per chunk on one worker (one batched chain + backward; may span prompts)
     schedule: Literal["fused", "reference"] = "fused"
     checkpoint_every: int = Field(100, gt=0)
     num_to_keep: int = Field(2, gt=0)
@@ -201,6 +201,10 @@ class RayConfig(_Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(0, ge=0)
     worker_start_timeout_s: float = Field(300.0, gt=0)
+    # training workers with glibc's trim threshold at 0 (MALLOC_TRIM_THRESHOLD_=0): freed memory goes back to the
+    # OS at once, so a CPU step's peak RSS tracks its live tensors - but every large tensor is then mmapped
+    # afresh and CPU training steps ran ~1.7x slower (README, BENCHMARKS "memory"); off: glibc's default
+    worker_malloc_trim: bool = False
 
 
 class DeepSpeedConfig(_Section):

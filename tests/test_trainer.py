@@ -48,17 +48,21 @@ def _initial(key: str, state: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.zeros_like(state[key]) if "lora_B" in key else state[key]
 
 
-def test_training_workers_start_with_the_trim_threshold_at_zero(base, monkeypatch):
-    """Training workers (only they) start with MALLOC_TRIM_THRESHOLD_=0 unless the caller set a value."""
+def test_training_workers_trim_threshold_only_when_asked(base, monkeypatch):
+    """Workers start with glibc's default allocator unless ray.worker_malloc_trim (MALLOC_TRIM_THRESHOLD_=0) is
+    set; a value the caller exported is passed on either way."""
     from fairdiff_ray.dist.trainer import training_worker_env
 
-    tmp, _ = base
+    tmp, cfg = base
     env = dict(kv.split("=", 1) for kv in (tmp / "env" / "rank0.env").read_text().split("\0") if "=" in kv)
-    assert env.get("MALLOC_TRIM_THRESHOLD_") == os.environ.get("MALLOC_TRIM_THRESHOLD_", "0")
+    assert env.get("MALLOC_TRIM_THRESHOLD_") == os.environ.get("MALLOC_TRIM_THRESHOLD_")  # the base run: default
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
-    assert training_worker_env() == {"MALLOC_TRIM_THRESHOLD_": "0"}
+    assert training_worker_env(cfg) == {}
+    trim = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"worker_malloc_trim": True})})
+    assert training_worker_env(trim) == {"MALLOC_TRIM_THRESHOLD_": "0"}
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
-    assert training_worker_env() == {"MALLOC_TRIM_THRESHOLD_": "131072"}
+    assert training_worker_env(cfg) == {"MALLOC_TRIM_THRESHOLD_": "131072"}
+    assert training_worker_env(trim) == {"MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
 def test_two_workers_equal_one_worker_with_twice_the_images(base):

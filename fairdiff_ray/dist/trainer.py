@@ -57,13 +57,15 @@ def _datasets(cfg: FairDiffConfig) -> dict[str, Any]:
     return out
 
 
-def training_worker_env() -> dict[str, str]:
-    """Environment of the training workers: glibc's trim threshold at 0 (MALLOC_TRIM_THRESHOLD_, kept when the
-    caller set one), so freed memory goes back to the OS and a step's peak tracks its live tensors (issue 8:
-    the checkpointed chain at T=80 peaked at 2.0 GB with glibc's default, 0.66 GB with 0). Only the training
-    workers: the evaluation's generation actors ran at half the images/s with it (make demo's evaluation on the
-    2-core box: 25 images/s with it, 50 without)."""
-    return {"MALLOC_TRIM_THRESHOLD_": os.environ.get("MALLOC_TRIM_THRESHOLD_", "0")}
+def training_worker_env(cfg: FairDiffConfig) -> dict[str, str]:
+    """Environment of the training workers. ``ray.worker_malloc_trim``: glibc's trim threshold at 0
+    (MALLOC_TRIM_THRESHOLD_=0), so freed memory goes back to the OS and a CPU step's peak tracks its live tensors
+    (issue 8: the checkpointed chain at T=80 peaked at 2.0 GB with glibc's default, 0.66 GB with 0) at the price
+    of speed (glibc then mmaps every block over 128 KiB afresh: the demo's training step 2.3 s -> 4.2 s). Off by
+    default. A MALLOC_TRIM_THRESHOLD_ the caller set is passed on either way."""
+    if "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return {"MALLOC_TRIM_THRESHOLD_": os.environ["MALLOC_TRIM_THRESHOLD_"]}
+    return {"MALLOC_TRIM_THRESHOLD_": "0"} if cfg.ray.worker_malloc_trim else {}
 
 
 def build_trainer(cfg: FairDiffConfig, callbacks: list | None = None, run_config_overrides: dict | None = None,
@@ -80,7 +82,7 @@ def build_trainer(cfg: FairDiffConfig, callbacks: list | None = None, run_config
     from fairdiff_ray.dist.worker import train_loop
 
     run_kwargs: dict[str, Any] = {
-        "worker_runtime_env": {"env_vars": training_worker_env()},
+        "worker_runtime_env": {"env_vars": training_worker_env(cfg)},
         "name": cfg.run.name,
         "storage_path": storage_path(cfg),
         "failure_config": FailureConfig(max_failures=cfg.ray.max_failures),

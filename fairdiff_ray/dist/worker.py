@@ -1,15 +1,18 @@
 """One data-parallel worker of the fairness finetuning (METHOD.md sections 2-5).
 
 Every worker handles the same prompt(s) each step and its share n = N / W of the step's N images; image j of
-a prompt starts from noise seeded by (run.seed, step, prompt index, j), so W workers x n images give exactly
-the images, targets and gradient of 1 worker x W n. One training step, per prompt:
+a prompt starts from noise seeded by (run.seed, step, prompt index, j), so W workers x n images give the
+images, targets and gradient of 1 worker x W n. A rank's rows of a step (every prompt's n images, prompt-major)
+are cut into chunks of ``train.chunk_size`` images; a chunk may span prompts, so several prompts share one
+batched sampling chain (far fewer, larger UNet calls). One training step:
 
 1. Reference images o_j: the base model (``adaptor.disabled()``) under no_grad from the same noise.
 2. Current images x_j and their class probabilities p_j (``train.schedule``: "fused" keeps each chunk's
    graph from this pass; "reference" samples under no_grad here and regenerates each chunk with gradients in
    step 4, memory bounded by ``train.chunk_size``; both give the same gradient).
-3. All-gather p (and the face-found mask) over workers -> expected OT targets q and confident targets y,
-   computed identically on every rank from a generator seeded by the step (core.ot); keep the local rows.
+3. All-gather p (and the face-found mask) over workers -> per prompt, expected OT targets q and confident
+   targets y, computed identically on every rank from a generator seeded by (step, prompt) (core.ot); keep the
+   local rows.
 4. Per chunk: loss / N (global N) and backward; after the last chunk the optimizer steps (non-finite
    gradients skip the step and the EMA update, and are counted), then the EMA of the adaptor is updated.
 The number of sampling steps is drawn per step in [steps - jitter, steps + jitter] from the step's seed.
@@ -134,7 +137,6 @@ class Worker:
         if n % self.world:
             raise ValueError(f"train.images_per_prompt={n} does not divide over {self.world} workers")
         self.n_local = n // self.world
-        self.chunks = _chunks(self.n_local, cfg.train.chunk_size)
         self.target = cfg.target_distribution()
         self.comp = self.builders.components(cfg, device, compute_dtype(cfg))
         self.adaptor = attach_adaptor(self.comp, cfg.adaptor, seed=cfg.run.seed)
@@ -147,12 +149,12 @@ class Worker:
         free = [p for p in params if id(p) not in in_modules]
         self.modules = TrainModules({"text_encoder": self.comp.text_encoder, "unet": self.comp.unet,
                                      "vae": self.comp.vae}, free)
-        micro = cfg.train.prompts_per_step * len(self.chunks)
+        micro = len(self.step_chunks(cfg.train.prompts_per_step))  # one backward per chunk of a step
         self.engine = build_engine(cfg, self.modules, params, micro, self.rank, self.world)
         self.skipped = 0
         # selective checkpointing (sampler.keep_activations_mb -> core.sampler keep_activations_bytes): the eps
         # calls of each chunk's gradient pass keep their activations up to this many bytes instead of being
-        # recomputed in backward (the fused schedule holds every chunk of a prompt until its backward, so the
+        # recomputed in backward (the fused schedule holds every chunk of the step until its backward, so the
         # step keeps up to chunks x this); 0 = checkpoint every call
         self.keep_activations_bytes = int(cfg.sampler.keep_activations_mb * 2**20)
         self.checkpoint_mode = cfg.checkpoint_mode()  # how checkpointed eps calls are wrapped (auto resolved)
@@ -214,10 +216,17 @@ class Worker:
             ref = self._decode(x_0[b:].detach(), False)
         return images, ref
 
-    def _noise(self, step: int, p_idx: int, rows: slice) -> torch.Tensor:
+    def _noise(self, step: int, rows: list[tuple[int, int]]) -> torch.Tensor:
+        """x_T for this rank's rows (prompt index, local image index) of the step."""
         start = self.rank * self.n_local
-        seeds = image_seeds(self.cfg, step, p_idx, range(start + rows.start, start + rows.stop))
+        seeds = [image_seeds(self.cfg, step, p, range(start + j, start + j + 1))[0] for p, j in rows]
         return noise_from_seeds(seeds, self.comp.latent_shape(), dtype=compute_dtype(self.cfg), device=self.device)
+
+    def step_chunks(self, n_prompts: int) -> list[list[tuple[int, int]]]:
+        """This rank's rows of a step, (prompt index, local image index) prompt-major, cut into chunks of
+        ``train.chunk_size`` images; a chunk may span prompts (one batched chain for several prompts)."""
+        flat = [(p, j) for p in range(n_prompts) for j in range(self.n_local)]
+        return [flat[sl] for sl in _chunks(len(flat), self.cfg.train.chunk_size)]
 
     # -- one training step -------------------------------------------------------------------------------
 
@@ -228,69 +237,89 @@ class Worker:
         steps = num_sampling_steps(cfg, step)
         lr = lr_at(step, cfg.train)
         self.engine.set_lr(lr)
-        n_global = cfg.train.images_per_prompt * len(prompts)
+        n_prompts, n = len(prompts), self.n_local
+        if n_prompts != cfg.train.prompts_per_step:
+            raise ValueError(f"a step got {n_prompts} prompts; train.prompts_per_step is {cfg.train.prompts_per_step}")
+        n_global = cfg.train.images_per_prompt * n_prompts
+        fused = cfg.train.schedule == "fused"
+        chunks = self.step_chunks(n_prompts)
         parts: dict[str, float] = {}
         stats: dict[str, list[float]] = {}
         out = StepOutput()
-        for p_idx, prompt in enumerate(prompts):
-            trunc = stable_seed(cfg.run.seed, "truncate", step, p_idx)
-            refs, kept, probs, found = [], [], [], []
-            for sl in self.chunks:  # passes 1-2: reference and current images, probabilities
-                x_T = self._noise(step, p_idx, sl)
-                b = sl.stop - sl.start
-                fused = cfg.train.schedule == "fused"
-                if self.batch_reference:
-                    images, ref_images = self.generate_with_reference([prompt] * b, x_T, steps, trunc_seed=trunc)
-                    with torch.no_grad():
-                        refs.append(self.loss.reference(ref_images))
+
+        def chain_inputs(rows: list[tuple[int, int]]) -> tuple[list[str], torch.Tensor, int]:
+            # the truncation draw (truncated estimators) is the chunk's first prompt's
+            return ([prompts[p] for p, _ in rows], self._noise(step, rows),
+                    stable_seed(cfg.run.seed, "truncate", step, rows[0][0]))
+
+        refs, kept, probs, found = [], [], [], []
+        for rows in chunks:  # passes 1-2: reference and current images, probabilities
+            texts, x_T, trunc = chain_inputs(rows)
+            if self.batch_reference:
+                images, ref_images = self.generate_with_reference(texts, x_T, steps, trunc_seed=trunc)
+                with torch.no_grad():
+                    refs.append(self.loss.reference(ref_images))
+                scored = self.loss.score(images)
+            else:
+                with torch.no_grad():
+                    refs.append(self.loss.reference(self.generate(texts, x_T, steps, grad=False, base=True,
+                                                                  trunc_seed=trunc)))
+                with contextlib.nullcontext() if fused else torch.no_grad():
+                    images = self.generate(texts, x_T, steps, grad=fused, trunc_seed=trunc)
                     scored = self.loss.score(images)
-                else:
-                    with torch.no_grad():
-                        refs.append(self.loss.reference(self.generate([prompt] * b, x_T, steps, grad=False,
-                                                                      base=True, trunc_seed=trunc)))
-                    with contextlib.nullcontext() if fused else torch.no_grad():
-                        images = self.generate([prompt] * b, x_T, steps, grad=fused, trunc_seed=trunc)
-                        scored = self.loss.score(images)
-                kept.append((images, scored) if fused else None)
-                probs.append(scored.probs)
-                found.append(scored.faces.found.cpu())
-            # pass 3: all-gather, the same OT targets on every rank
-            g_found = all_gather_rows(torch.cat(found))
-            g_probs = {a: all_gather_rows(torch.cat([p[a] for p in probs]).float().cpu()) for a in self.loss.attributes}
+            kept.append((images, scored) if fused else None)
+            probs.append(scored.probs)
+            found.append(scored.faces.found.cpu())
+
+        # pass 3: one all-gather of every prompt's rows, then the same OT targets per prompt on every rank
+        world_size = self.world
+        g_found = all_gather_rows(torch.cat(found)).view(world_size, n_prompts, n)
+        g_probs = {a: all_gather_rows(torch.cat([p[a] for p in probs]).float().cpu())
+                   .view(world_size, n_prompts, n, -1) for a in self.loss.attributes}
+        local_y: dict[str, list[torch.Tensor]] = {}
+        base_row = self.rank * n
+        for p_idx in range(n_prompts):
+            p_found = g_found[:, p_idx].reshape(-1)  # global image order: rank-major, as one worker would have it
+            p_probs = {a: t[:, p_idx].reshape(world_size * n, -1) for a, t in g_probs.items()}
             q = expected_targets_separated(
-                g_probs, self.target, cfg.loss.ot_separate, valid=g_found, method=cfg.loss.ot_method,
+                p_probs, self.target, cfg.loss.ot_separate, valid=p_found, method=cfg.loss.ot_method,
                 num_draws=cfg.loss.num_draws,
                 generator=torch.Generator().manual_seed(stable_seed(cfg.run.seed, "ot", step, p_idx)),
                 age_asymmetric=cfg.loss.age_asymmetric_cost)
             y = assign_targets(q, cfg.loss.threshold, cfg.loss.thresholds)
             out.targets = y
-            self._batch_stats(stats, g_probs, g_found, y)
-            # pass 4: loss on the local rows, backward per chunk
-            base_row = self.rank * self.n_local
-            for c, sl in enumerate(self.chunks):
-                if kept[c] is None:
-                    images = self.generate([prompt] * (sl.stop - sl.start), self._noise(step, p_idx, sl), steps,
-                                           grad=True, trunc_seed=trunc)
-                    scored = self.loss.score(images)
-                else:
-                    images, scored = kept[c]
-                    kept[c] = None
-                rows = slice(base_row + sl.start, base_row + sl.stop)
-                loss, m = self.loss(images, scored, refs[c], {a: t[rows] for a, t in y.items()}, n_global)
-                if not loss.requires_grad:  # nothing to learn from this chunk: still a (zero) gradient for
-                    loss = loss + sum(p.sum() * 0.0 for p in self.engine.params)  # every parameter
-                self.engine.backward(loss)
-                self.engine.step()
-                for k, v in m.items():
-                    if k.startswith("loss"):
-                        parts[k] = parts.get(k, 0.0) + float(v)
+            self._batch_stats(stats, p_probs, p_found, y)
+            for a, t in y.items():
+                local_y.setdefault(a, []).append(t[base_row:base_row + n])
+        targets = {a: torch.cat(ts) for a, ts in local_y.items()}  # this rank's rows, prompt-major
+
+        # pass 4: loss on the local rows, backward per chunk
+        first = 0
+        for c, rows in enumerate(chunks):
+            if kept[c] is None:
+                texts, x_T, trunc = chain_inputs(rows)
+                images = self.generate(texts, x_T, steps, grad=True, trunc_seed=trunc)
+                scored = self.loss.score(images)
+            else:
+                images, scored = kept[c]
+                kept[c] = None
+            sl = slice(first, first + len(rows))
+            first += len(rows)
+            loss, m = self.loss(images, scored, refs[c], {a: t[sl] for a, t in targets.items()}, n_global)
+            if not loss.requires_grad:  # nothing to learn from this chunk: still a (zero) gradient for
+                loss = loss + sum(p.sum() * 0.0 for p in self.engine.params)  # every parameter
+            self.engine.backward(loss)
+            self.engine.step()
+            for k, v in m.items():
+                if k.startswith("loss"):
+                    parts[k] = parts.get(k, 0.0) + float(v)
         applied = bool(self.engine.applied)
         if applied:
             with self.engine.gathered():
                 self.adaptor.ema_update()
         else:
             self.skipped += 1
-        out.metrics = self._step_metrics(parts, stats, len(prompts), applied, steps, n_global, t0)
+        out.metrics = self._step_metrics(parts, stats, n_prompts, applied, steps, n_global, t0)
         # this rank's CPU time for the step: beside images_per_s it tells computing from waiting (shared cores)
         out.metrics["cpu_s"] = time.process_time() - c0
         out.metrics["lr"] = lr
@@ -334,7 +363,7 @@ class Worker:
         with self.engine.gathered(), self.adaptor.ema_applied():
             for prompt in prompts:
                 lab_p = {a: [] for a in self.loss.attributes}
-                for sl in self.chunks:
+                for sl in _chunks(self.n_local, cfg.train.chunk_size):
                     start = self.rank * self.n_local
                     seeds = [stable_seed(cfg.run.seed, "val", prompt, j)
                              for j in range(start + sl.start, start + sl.stop)]
