@@ -13,9 +13,11 @@ images/s per worker count, and the median over rounds of the per-round ratio W w
 Why several N: on CPU a UNet call's cost per image falls with the batch (measured on the synthetic UNet, one
 thread: 16 rows 29 ms, 8 rows 18 ms), so W workers sharing N images each run a smaller batch; N=16 is what
 ``make demo`` trains per step on 2 workers before the demo moved to 8 prompts x 8 images. Backward chunks have
-the same size (``--chunk-size``, default 4 as in make demo) for every worker count: with chunks of all N images,
-one worker at N=16 spent 4.4 CPU s per step against 1.5 s at N=8 (larger tensors, slower per image), which made
-2 workers look 2.4x faster.
+the same size (``--chunk-size``, default 4) for every worker count: with chunks of all N images, one worker at N=16
+spent 4.4 CPU s per step against 1.5 s at N=8, which made 2 workers look 2.4x faster (measured while the workers
+ran with MALLOC_TRIM_THRESHOLD_=0, where every tensor over 128 KiB is mmapped afresh, so larger batches were
+slower per image). The workers run with the training default, glibc's default allocator (ray.worker_malloc_trim
+off), unless the caller exports MALLOC_TRIM_THRESHOLD_.
 """
 
 from __future__ import annotations
