@@ -167,18 +167,20 @@ class Adaptor:
         soft = self.soft
         if self._replace is not None:
             ids = tokenize(tok, prompts, tok.model_max_length)
-            want = torch.tensor(self._replace, dtype=ids.dtype)
-            for p, row in zip(prompts, ids):
-                if not torch.equal(row[1 : 1 + n], want):
-                    raise ValueError(f"prompt {p!r} does not start with adaptor.soft_replace "
-                                     f"{self.cfg.soft_replace!r}: use prompts that do, or another soft_position")
+            bad = (ids[:, 1 : 1 + n] != torch.tensor(self._replace, dtype=ids.dtype)).any(dim=1)
+            if bool(bad.any()):
+                p = prompts[int(bad.nonzero()[0])]
+                raise ValueError(f"prompt {p!r} does not start with adaptor.soft_replace "
+                                 f"{self.cfg.soft_replace!r}: use prompts that do, or another soft_position")
             at = [1] * ids.shape[0]
         else:
             ids, at = self._insert_filler(prompts)
+        # (B, n) positions of the soft rows in every prompt's token embeddings
+        pos = torch.as_tensor(at)[:, None] + torch.arange(n)
 
         def splice(_module: torch.nn.Module, _inputs: Any, out: Tensor) -> Tensor:
-            rows = soft.to(out.dtype)
-            return torch.stack([torch.cat([o[:a], rows, o[a + n:]]) for o, a in zip(out, at)])
+            index = pos.to(out.device)[..., None].expand(-1, -1, out.shape[-1])
+            return out.scatter(1, index, soft.to(out.dtype).expand(out.shape[0], -1, -1))  # differentiable in soft
 
         handle = self.comp.text_encoder.get_input_embeddings().register_forward_hook(splice)
         try:
