@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sd15-rounds", type=int, default=1,
                    help="rounds for SD v1.5 (one T=40 checkpointed chain is ~5 CPU-minutes at 8x8 latents)")
     p.add_argument("--sd15-allocators", nargs="+", default=["trim0", "tensors"], choices=list(MEASURES),
-                   help="allocators (or 'tensors': live tensor bytes) for SD v1.5 on CPU (workers run with trim0)")
+                   help="allocators (or 'tensors': live tensor bytes) for SD v1.5 on CPU (trim0 = workers with ray.worker_malloc_trim)")
     p.add_argument("--checkpoints", nargs="+", default=list(CHECKPOINTS), choices=list(CHECKPOINTS),
                    help="how eps calls are checkpointed: non_reentrant (default mode), reentrant, off")
     p.add_argument("--device", default="cpu")
