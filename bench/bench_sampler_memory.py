@@ -179,7 +179,7 @@ def table(rows: list[dict], steps: list[int]) -> str:
         lo, hi = med[steps[0]], med[steps[-1]]
         ratio = f"{hi / lo:.2f}x" if lo and hi is not None and lo > 0 else "-"
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(_cell(by[t], med[t]) for t in steps)
-                     + f" | {ratio} | {statistics.median(secs) if secs else '-'} |")
+                     + f" | {ratio} | {f'{statistics.median(secs):.2f}' if secs else '-'} |")
     return "\n".join(lines)
 
 
