@@ -109,8 +109,13 @@ def num_sampling_steps(cfg: FairDiffConfig, step: int) -> int:
     return cfg.sampler.steps + int(torch.randint(-j, j + 1, (1,), generator=gen))
 
 
+def image_seed(cfg: FairDiffConfig, step: int, prompt_index: int, j: int) -> int:
+    """The noise seed of a step's image j (global index over workers) of one prompt."""
+    return stable_seed(cfg.run.seed, "noise", step, prompt_index, j)
+
+
 def image_seeds(cfg: FairDiffConfig, step: int, prompt_index: int, rows: range) -> list[int]:
-    return [stable_seed(cfg.run.seed, "noise", step, prompt_index, j) for j in rows]
+    return [image_seed(cfg, step, prompt_index, j) for j in rows]
 
 
 def _chunks(n: int, size: int) -> list[slice]:
@@ -219,7 +224,7 @@ class Worker:
     def _noise(self, step: int, rows: list[tuple[int, int]]) -> torch.Tensor:
         """x_T for this rank's rows (prompt index, local image index) of the step."""
         start = self.rank * self.n_local
-        seeds = [image_seeds(self.cfg, step, p, range(start + j, start + j + 1))[0] for p, j in rows]
+        seeds = [image_seed(self.cfg, step, p, start + j) for p, j in rows]
         return noise_from_seeds(seeds, self.comp.latent_shape(), dtype=compute_dtype(self.cfg), device=self.device)
 
     def step_chunks(self, n_prompts: int) -> list[list[tuple[int, int]]]:
@@ -272,15 +277,14 @@ class Worker:
             found.append(scored.faces.found.cpu())
 
         # pass 3: one all-gather of every prompt's rows, then the same OT targets per prompt on every rank
-        world_size = self.world
-        g_found = all_gather_rows(torch.cat(found)).view(world_size, n_prompts, n)
+        g_found = all_gather_rows(torch.cat(found)).view(self.world, n_prompts, n)
         g_probs = {a: all_gather_rows(torch.cat([p[a] for p in probs]).float().cpu())
-                   .view(world_size, n_prompts, n, -1) for a in self.loss.attributes}
+                   .view(self.world, n_prompts, n, -1) for a in self.loss.attributes}
         local_y: dict[str, list[torch.Tensor]] = {}
         base_row = self.rank * n
         for p_idx in range(n_prompts):
             p_found = g_found[:, p_idx].reshape(-1)  # global image order: rank-major, as one worker would have it
-            p_probs = {a: t[:, p_idx].reshape(world_size * n, -1) for a, t in g_probs.items()}
+            p_probs = {a: t[:, p_idx].reshape(self.world * n, -1) for a, t in g_probs.items()}
             q = expected_targets_separated(
                 p_probs, self.target, cfg.loss.ot_separate, valid=p_found, method=cfg.loss.ot_method,
                 num_draws=cfg.loss.num_draws,
