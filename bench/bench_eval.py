@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     workers = {"plain": 1, "local": 1, **{f"ray {k}": k for k in args.actors}}
     rate: dict[str, list[float]] = {v: [] for v in variants}
     first: dict[str, list[float]] = {v: [] for v in variants}
+    load_before = os.getloadavg()[0]
     connect(None, num_cpus=max(args.actors) + 1, include_dashboard=False, log_to_driver=False,
             configure_logging=False)
     try:
@@ -151,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         "first result after s (median) |", "|---|---|---|---|---|---|",
         *[f"| {v} | {workers[v]} | {statistics.median(rate[v]):.2f} | {', '.join(f'{x:.2f}' for x in rate[v])} | "
           f"{per_worker[v]:.2f}x | {statistics.median(first[v]):.1f} |" for v in variants], "",
-        f"The machine's {os.cpu_count()} cores were shared with other processes during the run.",
+        f"Load average (1 min) on the machine's {os.cpu_count()} cores: {load_before:.1f} before the first round, "
+        f"{os.getloadavg()[0]:.1f} after the last (the benchmark's own processes count in both).",
     ]
     text = "\n".join(lines)
     print(text)

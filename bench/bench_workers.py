@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from fairdiff_ray.dist.cluster import connect
 
     runs: list[dict] = []
+    load_before = os.getloadavg()[0]
     connect(None, num_cpus=max(args.workers) + 1, include_dashboard=True, log_to_driver=False,
             configure_logging=False)
     try:
@@ -154,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         f"(gloo), 1 CPU and 1 torch thread per worker; {args.steps} steps per run, the first "
         f"dropped; {args.rounds} rounds alternating the worker counts. images/s = the per-step metric of rank 0 "
         "(start-up, loading and checkpoints excluded).\n\n" + "\n".join(lines)
-        + f"\n\nOther processes shared the {os.cpu_count()} cores during the run (load average "
-        f"{os.getloadavg()[0]:.1f} at the end); with W workers on W free cores the ideal is W x. CPU-time scaling = "
+        + f"\n\nLoad average (1 min) on the {os.cpu_count()} cores: {load_before:.1f} before the first run, "
+        f"{os.getloadavg()[0]:.1f} at the end (the benchmark's own workers count in both); with W workers on W "
+        "free cores the ideal is W x. CPU-time scaling = "
         "rank 0's CPU seconds per step with 1 worker / with W workers (the step's compute per worker; what the "
         "images/s ratio would approach on free cores, collectives aside).")
     print(text)
