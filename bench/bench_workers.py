@@ -1,6 +1,6 @@
 """Training throughput with 1 vs 2 Ray Train workers (issue 8 d).
 
-    python bench/bench_workers.py                       # synthetic world, N=8 and 16, T=10, 5 steps per run, 3 rounds
+    python bench/bench_workers.py                       # synthetic world, N=32 and 64, T=10, 4 steps per run, 3 rounds
     python bench/bench_workers.py --workers 1 2 4 --images 16 --steps 6 --rounds 3
 
 Each run is a real ``dist.trainer.build_trainer(cfg).fit()`` on the synthetic world (assets/synthetic-sd, the
@@ -10,14 +10,16 @@ rounds. Throughput is the per-step ``images_per_s`` metric rank 0 writes to metr
 step / the step's wall time on rank 0, all-gather and gradient all-reduce included), so worker start-up, model
 loading and checkpointing are excluded; the first step of every run (warm-up) is dropped. Reported: median
 images/s per worker count, and the median over rounds of the per-round ratio W workers / 1 worker, for each N.
-Why several N: on CPU a UNet call's cost per image falls with the batch (measured on the synthetic UNet, one
-thread: 16 rows 29 ms, 8 rows 18 ms), so W workers sharing N images each run a smaller batch; N=16 is what
-``make demo`` trains per step on 2 workers before the demo moved to 8 prompts x 8 images. Backward chunks have
-the same size (``--chunk-size``, default 4) for every worker count: with chunks of all N images, one worker at N=16
-spent 4.4 CPU s per step against 1.5 s at N=8, which made 2 workers look 2.4x faster (measured while the workers
-ran with MALLOC_TRIM_THRESHOLD_=0, where every tensor over 128 KiB is mmapped afresh, so larger batches were
-slower per image). The workers run with the training default, glibc's default allocator (ray.worker_malloc_trim
-off), unless the caller exports MALLOC_TRIM_THRESHOLD_.
+Why several N and a fixed chunk size: a worker's images are sampled in chunks of ``--chunk-size`` (one batched
+chain each). The default, 32, is ``make demo``'s ``train.chunk_size`` (its 2 workers each run their 32 images
+of the 64 per step as one chunk): at N=64 one worker runs two chunks of 32 and each of 2 workers one, the same
+work unit; at N=32 one worker runs one chunk of 32 and each of 2 workers one of 16 (smaller batches cost more
+per image on CPU: the synthetic UNet, one thread, 1.8 ms per row at 8 rows, 1.2 ms at 64), which is what a user
+changing only ``ray.num_workers`` gets. Before 2026-12-06 the demo trained in chunks of 4 (one prompt's images)
+and this bench measured N=8 and 16 in chunks of 4 (``--images 8 16 --chunk-size 4`` reproduces it); steps of
+one second or less are where a step's fixed cost (the gradient all-reduce, the report barrier, the Ray
+processes' share of the cores) counts most. The workers run with the training default, glibc's default
+allocator (ray.worker_malloc_trim off), unless the caller exports MALLOC_TRIM_THRESHOLD_.
 """
 
 from __future__ import annotations
@@ -74,13 +76,13 @@ def one_run(args: argparse.Namespace, storage: Path, name: str, workers: int, im
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--images", type=int, nargs="+", default=[8, 16],
+    p.add_argument("--images", type=int, nargs="+", default=[32, 64],
                    help="N images per step (divides over the workers); one table row per N and worker count")
-    p.add_argument("--chunk-size", type=int, default=4,
-                   help="images per backward chunk on every worker (make demo's 4): the same per-worker work unit "
-                        "whatever the worker count (a chunk of all N on 1 worker cost 3x the CPU of N/2 per image)")
+    p.add_argument("--chunk-size", type=int, default=32,
+                   help="images per sampling chunk on every worker (make demo's train.chunk_size, 32): a worker "
+                        "runs its share of N in chunks of at most this many")
     p.add_argument("--sampling-steps", type=int, default=10, help="T DDIM steps")
-    p.add_argument("--steps", type=int, default=5, help="training steps per run (the first is dropped)")
+    p.add_argument("--steps", type=int, default=4, help="training steps per run (the first is dropped)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=str(BENCHMARKS), help="markdown file to write the section into ('-': none)")
     args = p.parse_args(argv)

@@ -118,6 +118,31 @@ def test_chunks_spanning_prompts_give_the_same_targets_and_update(tmp_path):
     assert results[8][3] * 4 == calls_a
 
 
+def test_validation_batches_across_prompts(tmp_path):
+    """Validation chunks a rank's rows of every prompt like a training step: one chain over several prompts gives
+    the labels, shares and drift of chunks within each prompt, in fewer UNet calls; no prompts is refused."""
+    prompts = [PROMPT, "a photo of the face of a pilot", "a photo of the face of a chef"]
+    results = {}
+    for chunk in (2, 3, 12):  # 6 chunks within the prompts / 4 chunks, two across / 1 chunk
+        w = _worker(tmp_path, "deepspeed.enabled=false", f"train.chunk_size={chunk}")
+        w.train_step([PROMPT], step=0)  # an adaptor that differs from the base model: drift > 0
+        calls = []
+        w.comp.unet.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+        results[chunk] = (w.validate(prompts), len(calls))
+    m2, calls2 = results[2]
+    assert m2["drift"] > 0 and 0.0 <= m2["distance"] <= 1.0
+    assert sum(v for k, v in m2.items() if k.startswith("freq/gender/")) == pytest.approx(1.0)
+    for chunk in (3, 12):
+        m, calls = results[chunk]
+        assert m.keys() == m2.keys()
+        for k, v in m.items():
+            assert v == pytest.approx(m2[k], abs=1e-5), k
+        assert calls < calls2
+    assert results[12][1] * 6 == calls2
+    with pytest.raises(ValueError, match="at least one prompt"):
+        _worker(tmp_path, "deepspeed.enabled=false").validate([])
+
+
 def test_a_step_needs_prompts_per_step_prompts(tmp_path):
     w = _worker(tmp_path, "deepspeed.enabled=false", "train.prompts_per_step=2")
     with pytest.raises(ValueError, match="prompts_per_step is 2"):

@@ -358,35 +358,42 @@ class Worker:
 
     @torch.no_grad()
     def validate(self, prompts: list[str]) -> dict[str, float]:
-        """EMA weights, cfg.sampler.steps, N images per val prompt: bias, class shares, target distance, drift."""
+        """EMA weights, cfg.sampler.steps, N images per val prompt: bias, class shares, target distance, drift.
+
+        Like a training step, a rank's rows of every prompt (prompt-major) are generated in chunks of
+        ``train.chunk_size`` images that may span prompts, and gathered once per attribute."""
         cfg = self.cfg
+        if not prompts:
+            raise ValueError("validation needs at least one prompt (train.val_prompts)")
         n_attr = self.target.num_classes
-        labels: dict[str, list[torch.Tensor]] = {a: [] for a in self.loss.attributes}
-        per_prompt: dict[str, list[float]] = {}
+        n, n_prompts = self.n_local, len(prompts)
+        flat = [(p, j) for p in range(n_prompts) for j in range(n)]
+        start = self.rank * n
+        lab_local: dict[str, list[torch.Tensor]] = {a: [] for a in self.loss.attributes}
         drift_sum, drift_n = 0.0, 0
         with self.engine.gathered(), self.adaptor.ema_applied():
-            for prompt in prompts:
-                lab_p = {a: [] for a in self.loss.attributes}
-                for sl in _chunks(self.n_local, cfg.train.chunk_size):
-                    start = self.rank * self.n_local
-                    seeds = [stable_seed(cfg.run.seed, "val", prompt, j)
-                             for j in range(start + sl.start, start + sl.stop)]
-                    x_T = noise_from_seeds(seeds, self.comp.latent_shape(), compute_dtype(cfg), self.device)
-                    b = sl.stop - sl.start
-                    images = self.generate([prompt] * b, x_T, cfg.sampler.steps, grad=False)
-                    scored = self.loss.score(images)
-                    found = scored.faces.found.cpu()
-                    for a in self.loss.attributes:
-                        lab_p[a].append(torch.where(found, scored.probs[a].argmax(1).cpu(), -1))
-                    if self.loss.features:
-                        ref = self.generate([prompt] * b, x_T, cfg.sampler.steps, grad=False, base=True)
-                        for net in self.loss.features.values():
-                            d = 1 - torch.nn.functional.cosine_similarity(net(images).float(), net(ref).float())
-                            drift_sum, drift_n = drift_sum + float(d.sum()), drift_n + b
+            for sl in _chunks(len(flat), cfg.train.chunk_size):
+                rows = flat[sl]
+                texts = [prompts[p] for p, _ in rows]
+                seeds = [stable_seed(cfg.run.seed, "val", prompts[p], start + j) for p, j in rows]
+                x_T = noise_from_seeds(seeds, self.comp.latent_shape(), compute_dtype(cfg), self.device)
+                images = self.generate(texts, x_T, cfg.sampler.steps, grad=False)
+                scored = self.loss.score(images)
+                found = scored.faces.found.cpu()
                 for a in self.loss.attributes:
-                    g = all_gather_rows(torch.cat(lab_p[a]))
-                    labels[a].append(g)
-                    per_prompt.setdefault(a, []).append(cm.bias(g, n_attr[a]))
+                    lab_local[a].append(torch.where(found, scored.probs[a].argmax(1).cpu(), -1))
+                if self.loss.features:
+                    ref = self.generate(texts, x_T, cfg.sampler.steps, grad=False, base=True)
+                    for net in self.loss.features.values():
+                        d = 1 - torch.nn.functional.cosine_similarity(net(images).float(), net(ref).float())
+                        drift_sum, drift_n = drift_sum + float(d.sum()), drift_n + len(rows)
+        labels: dict[str, list[torch.Tensor]] = {}
+        per_prompt: dict[str, list[float]] = {}
+        for a in self.loss.attributes:
+            g = all_gather_rows(torch.cat(lab_local[a])).view(self.world, n_prompts, n)
+            # per prompt in global image order (rank-major), as one worker would have it
+            labels[a] = [g[:, p].reshape(-1) for p in range(n_prompts)]
+            per_prompt[a] = [cm.bias(lab, n_attr[a]) for lab in labels[a]]
         tot = all_sum({"d": drift_sum, "n": float(drift_n)})
         drift = tot["d"] / tot["n"] if tot["n"] else 0.0
         all_labels = {a: torch.cat(v) for a, v in labels.items()}
