@@ -51,6 +51,9 @@ def test_step_trains_only_the_adaptor(tmp_path):
         if k in frozen:
             assert torch.equal(v, frozen[k]), k
     assert sorted(out.targets) == ["gender"] and out.targets["gender"].shape == (4,)
+    # the step's class shares, consistent with its bias (one prompt, two classes: bias = |2 f - 1|)
+    f, m = out.metrics["train/freq/gender/female"], out.metrics["train/freq/gender/male"]
+    assert f + m == pytest.approx(1.0) and abs(2 * f - 1) == pytest.approx(out.metrics["train/bias/gender"])
 
 
 @pytest.mark.parametrize("engine", ["deepspeed.zero_stage=0", "deepspeed.zero_stage=2", "deepspeed.enabled=false"])

@@ -337,6 +337,9 @@ class Worker:
         stats.setdefault("train/face_rate", []).append(float(found.float().mean()))
         for a, lab in labels.items():
             stats.setdefault(f"train/bias/{a}", []).append(cm.bias(lab, probs[a].shape[1]))
+            # class shares of the step's images (mean over its prompts): where a run's overall share drifts
+            for cls, f in zip(self.target.attributes[a], cm.frequencies(lab, probs[a].shape[1]).tolist()):
+                stats.setdefault(f"train/freq/{a}/{cls}", []).append(f)
             conf = float((y[a] != -1).sum()) / n_found if n_found else 0.0
             stats.setdefault(f"train/confident/{a}", []).append(conf)
         stats.setdefault("train/distance", []).append(cm.target_distance(labels, self.target))
