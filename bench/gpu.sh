@@ -38,10 +38,11 @@ if [ "$DRY" = 1 ]; then
   trap 'rm -rf "$TMP"' EXIT
   OUT="${OUT:-$TMP/BENCHMARKS.md}"
   export DS_ACCELERATOR=cpu
+  # the GPU run's options at toy sizes, so a change to the scripts' arguments breaks this too (tests/test_bench.py)
   "$PY" bench/bench_step.py --models sd15 --sd15-size dry --device cpu --dtype bfloat16 --images 2 --steps 3 \
-    --repeats 1 --section step-gpu --out "$OUT"
-  "$PY" bench/bench_sampler_memory.py --models sd15 --sd15-size dry --device cpu --dtype bfloat16 --steps 2 4 \
-    --rounds 1 --sd15-max-uncheckpointed 4 --section memory-gpu --out "$OUT"
+    --repeats 1 --keep-mb 61440 --section step-gpu --out "$OUT"
+  "$PY" bench/bench_sampler_memory.py --models sd15 --sd15-size dry --device cpu --dtype bfloat16 --latent 8 \
+    --steps 2 4 --rounds 1 --sd15-rounds 1 --sd15-max-uncheckpointed 4 --section memory-gpu --out "$OUT"
   echo "dry run OK (wrote $OUT)"
   exit 0
 fi
