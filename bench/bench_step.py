@@ -102,7 +102,7 @@ def measure(args: argparse.Namespace, model: str) -> dict:
     n, steps = cfg.train.images_per_prompt, cfg.sampler.steps
 
     def gen(step: int) -> None:
-        x_T = w._noise(step, 0, slice(0, n))
+        x_T = w._noise(step, [(0, j) for j in range(n)])  # prompt 0, images 0..n-1 (one rank)
         with torch.no_grad():
             w.generate([PROMPT] * n, x_T, steps, grad=False)
 
