@@ -87,6 +87,14 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts).to(t.device)
 
 
+def gather_by_prompt(t: torch.Tensor, n_prompts: int) -> torch.Tensor:
+    """A rank's rows of every prompt, prompt-major (n_prompts x n, ...) -> (n_prompts, W x n, ...): each prompt's
+    rows of all ranks in global image order (rank-major, as one worker would have them)."""
+    size = world()[1]
+    g = all_gather_rows(t)
+    return g.view(size, n_prompts, -1, *g.shape[1:]).transpose(0, 1).reshape(n_prompts, -1, *g.shape[1:])
+
+
 def all_sum(values: dict[str, float]) -> dict[str, float]:
     _, size = world()
     if size == 1 or not values:
@@ -277,14 +285,14 @@ class Worker:
             found.append(scored.faces.found.cpu())
 
         # pass 3: one all-gather of every prompt's rows, then the same OT targets per prompt on every rank
-        g_found = all_gather_rows(torch.cat(found)).view(self.world, n_prompts, n)
-        g_probs = {a: all_gather_rows(torch.cat([p[a] for p in probs]).float().cpu())
-                   .view(self.world, n_prompts, n, -1) for a in self.loss.attributes}
+        g_found = gather_by_prompt(torch.cat(found), n_prompts)
+        g_probs = {a: gather_by_prompt(torch.cat([p[a] for p in probs]).float().cpu(), n_prompts)
+                   for a in self.loss.attributes}
         local_y: dict[str, list[torch.Tensor]] = {}
         base_row = self.rank * n
         for p_idx in range(n_prompts):
-            p_found = g_found[:, p_idx].reshape(-1)  # global image order: rank-major, as one worker would have it
-            p_probs = {a: t[:, p_idx].reshape(self.world * n, -1) for a, t in g_probs.items()}
+            p_found = g_found[p_idx]
+            p_probs = {a: t[p_idx] for a, t in g_probs.items()}
             q = expected_targets_separated(
                 p_probs, self.target, cfg.loss.ot_separate, valid=p_found, method=cfg.loss.ot_method,
                 num_draws=cfg.loss.num_draws,
@@ -369,14 +377,12 @@ class Worker:
         if not prompts:
             raise ValueError("validation needs at least one prompt (train.val_prompts)")
         n_attr = self.target.num_classes
-        n, n_prompts = self.n_local, len(prompts)
-        flat = [(p, j) for p in range(n_prompts) for j in range(n)]
-        start = self.rank * n
+        n_prompts = len(prompts)
+        start = self.rank * self.n_local
         lab_local: dict[str, list[torch.Tensor]] = {a: [] for a in self.loss.attributes}
         drift_sum, drift_n = 0.0, 0
         with self.engine.gathered(), self.adaptor.ema_applied():
-            for sl in _chunks(len(flat), cfg.train.chunk_size):
-                rows = flat[sl]
+            for rows in self.step_chunks(n_prompts):
                 texts = [prompts[p] for p, _ in rows]
                 seeds = [stable_seed(cfg.run.seed, "val", prompts[p], start + j) for p, j in rows]
                 x_T = noise_from_seeds(seeds, self.comp.latent_shape(), compute_dtype(cfg), self.device)
@@ -393,9 +399,7 @@ class Worker:
         labels: dict[str, list[torch.Tensor]] = {}
         per_prompt: dict[str, list[float]] = {}
         for a in self.loss.attributes:
-            g = all_gather_rows(torch.cat(lab_local[a])).view(self.world, n_prompts, n)
-            # per prompt in global image order (rank-major), as one worker would have it
-            labels[a] = [g[:, p].reshape(-1) for p in range(n_prompts)]
+            labels[a] = list(gather_by_prompt(torch.cat(lab_local[a]), n_prompts))
             per_prompt[a] = [cm.bias(lab, n_attr[a]) for lab in labels[a]]
         tot = all_sum({"d": drift_sum, "n": float(drift_n)})
         drift = tot["d"] / tot["n"] if tot["n"] else 0.0
