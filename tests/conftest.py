@@ -28,7 +28,7 @@ import sys
 
 import pytest
 
-from fairdiff_ray.dist.cluster import LOCAL_ENV, new_ray_temp_root, remove_ray_temp_root
+from fairdiff_ray.dist.cluster import LOCAL_ENV, new_ray_temp_root, reap_ray_processes, remove_ray_temp_root
 
 os.environ["OMP_NUM_THREADS"] = "1"
 for _k, _v in LOCAL_ENV.items():  # the settings the product gives its own local clusters (dist/cluster.py)
@@ -45,10 +45,12 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
-    """Removed after the session (Ray's processes may still be writing their last logs for a moment)."""
+    """Removed after the session (Ray's processes may still be writing their last logs for a moment), and any
+    process of the session's clusters still running stopped."""
     if _RAY_TMP is None:
         return
     os.environ.pop("RAY_TMPDIR", None)
+    reap_ray_processes(_RAY_TMP)  # a Ray actor process that outlived its cluster (dist/cluster.py)
     remove_ray_temp_root(_RAY_TMP)
 
 

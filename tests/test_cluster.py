@@ -63,3 +63,36 @@ def test_users_ray_settings_are_kept() -> None:
         assert out["recorded"] is None  # nor is anything of ours written into it
     finally:
         shutil.rmtree(mine, ignore_errors=True)
+
+
+def test_reap_stops_only_the_finished_clusters_own_leftover_processes(tmp_path: Path) -> None:
+    import signal
+
+    from fairdiff_ray.dist.cluster import reap_ray_processes
+
+    root, other = str(tmp_path / "mine"), str(tmp_path / "other")
+    sleep = "import signal, sys, time; {} print('ready', flush=True); time.sleep(120)"
+
+    def start(env_root: str, *argv: str, ignore_term: bool = False) -> subprocess.Popen:
+        code = sleep.format("signal.signal(signal.SIGTERM, signal.SIG_IGN);" if ignore_term else "")
+        p = subprocess.Popen([sys.executable, "-c", code, *argv], env={**os.environ, "RAY_TMPDIR": env_root},
+                             stdout=subprocess.PIPE, text=True)
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        return p
+
+    leftover = start(root, "/site-packages/ray/dashboard/agent.py")  # a Ray daemon of this cluster
+    stubborn = start(root, "/site-packages/ray/_private/workers/default_worker.py", ignore_term=True)
+    not_ray = start(root, "user-script.py")  # inherited the environment, but is no Ray process
+    elsewhere = start(other, "/site-packages/ray/dashboard/agent.py")  # another cluster's
+    procs = [leftover, stubborn, not_ray, elsewhere]
+    try:
+        reaped = reap_ray_processes(root, grace_s=1.0)
+        assert sorted(reaped) == sorted([leftover.pid, stubborn.pid])
+        assert leftover.wait(timeout=10) == -signal.SIGTERM
+        assert stubborn.wait(timeout=10) == -signal.SIGKILL  # ignored SIGTERM: killed after the grace time
+        assert not_ray.poll() is None and elsewhere.poll() is None
+        assert reap_ray_processes(root) == []  # nothing of this cluster is left
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=10)
