@@ -30,6 +30,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -56,13 +57,89 @@ def config(args: argparse.Namespace, storage: Path, name: str, workers: int, ima
     ])
 
 
+class CoreSampler(threading.Thread):
+    """Cores used, second by second, by the training workers (``ray::RayTrainWorker``) and by everything else of
+    this benchmark's private Ray cluster (raylet, GCS, dashboard, Train controller and helper actors, Ray Data's
+    actors, this driver). /proc, Linux; the cluster's processes are found by their RAY_TMPDIR (re-scanned every
+    few seconds, the per-second reads are only their /proc/PID/stat)."""
+
+    def __init__(self, root: str, interval_s: float = 1.0) -> None:
+        super().__init__(daemon=True)
+        self.root, self.interval_s, self.samples = root, interval_s, []
+        self._stop_event = threading.Event()
+        self._tick = os.sysconf("SC_CLK_TCK")
+
+    def _cpu(self, pid: int) -> float | None:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / self._tick
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def _kind(self, pid: int) -> str:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return "worker" if f.read().startswith(b"ray::RayTrainWorker") else "other"
+        except OSError:
+            return "other"
+
+    def run(self) -> None:
+        from fairdiff_ray.dist.cluster import _ray_processes
+
+        kinds: dict[int, str] = {}
+        last: dict[int, float] = {}
+        t_last, rescan = time.monotonic(), 0.0
+        while not self._stop_event.wait(self.interval_s):
+            now = time.monotonic()
+            if now - rescan > 5.0:
+                for pid in [*_ray_processes(self.root), os.getpid()]:
+                    kinds.setdefault(pid, "other")
+                rescan = now
+            used: dict[str, float] = {"worker": 0.0, "other": 0.0}
+            busy = 0
+            for pid in list(kinds):
+                cpu = self._cpu(pid)
+                if cpu is None:
+                    kinds.pop(pid)
+                    continue
+                if kinds[pid] == "other" and pid != os.getpid():
+                    kinds[pid] = self._kind(pid)  # a worker's title is set after its process starts
+                d = (cpu - last[pid]) / (now - t_last) if pid in last else 0.0
+                last[pid] = cpu
+                used[kinds[pid]] += d
+                busy += kinds[pid] == "worker" and d > 0.5
+            self.samples.append((busy, used["worker"], used["other"]))
+            t_last = now
+
+    def stop(self, workers: int) -> dict:
+        """Median cores over the seconds in which all ``workers`` training workers were busy (> 0.5 core each)."""
+        self._stop_event.set()
+        self.join()
+        steady = [(w, o) for busy, w, o in self.samples if busy >= workers]
+        if not steady:
+            return {"worker_cores": float("nan"), "other_cores": float("nan"), "seconds": 0}
+        return {"worker_cores": statistics.median(w for w, _ in steady),
+                "other_cores": statistics.median(o for _, o in steady), "seconds": len(steady)}
+
+
+def _median_finite(values) -> float:  # noqa: ANN001
+    vals = [float(v) for v in values if v is not None and v == v]
+    return statistics.median(vals) if vals else float("nan")
+
+
 def one_run(args: argparse.Namespace, storage: Path, name: str, workers: int, images: int) -> dict:
     from fairdiff_ray.dist.trainer import build_trainer, run_dir
 
     cfg = config(args, storage, name, workers, images)
+    sampler = CoreSampler(os.environ["RAY_TMPDIR"]) if os.path.isdir("/proc") and os.environ.get("RAY_TMPDIR") \
+        else None
+    if sampler is not None:
+        sampler.start()
     t0 = time.perf_counter()
     result = build_trainer(cfg).fit()
     wall = time.perf_counter() - t0
+    cores = sampler.stop(workers) if sampler is not None else {}
     if result.error is not None:
         raise RuntimeError(f"run {name} failed: {result.error}")
     rows = [json.loads(line) for line in (run_dir(cfg) / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -70,7 +147,7 @@ def one_run(args: argparse.Namespace, storage: Path, name: str, workers: int, im
     ips = [float(r["images_per_s"]) for r in rows]
     cpu = [float(r["cpu_s"]) for r in rows]
     return {"workers": workers, "images": images, "images_per_s": statistics.median(ips), "steps": ips,
-            "wall_s": wall, "cpu_s": statistics.median(cpu)}
+            "wall_s": wall, "cpu_s": statistics.median(cpu), **cores}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,15 +185,18 @@ def main(argv: list[str] | None = None) -> int:
                         res = one_run(args, Path(tmp), f"n{n}-w{w}-r{r}", w, n)
                         runs.append({**res, "round": r})
                         print(f"round {r + 1} N={n} workers {w}: {res['images_per_s']:.2f} images/s "
-                              f"(steps {[round(x, 2) for x in res['steps']]}, fit {res['wall_s']:.0f} s)", flush=True)
+                              f"(steps {[round(x, 2) for x in res['steps']]}, fit {res['wall_s']:.0f} s; cores: "
+                              f"workers {res.get('worker_cores', float('nan')):.2f}, other Ray processes "
+                              f"{res.get('other_cores', float('nan')):.2f})", flush=True)
     finally:
         ray.shutdown()
     lines = ["| N | workers | images/s (median) | per round | x 1 worker (median of per-round ratios) | "
-             "rank-0 CPU s per step (median) | CPU-time scaling vs 1 worker |", "|---|---|---|---|---|---|---|"]
+             "rank-0 CPU s per step (median) | CPU-time scaling vs 1 worker | cores used by the training workers / "
+             "by the other Ray processes and the driver (median) |", "|---|---|---|---|---|---|---|---|"]
     by_images: dict[str, dict] = {}
     for n in args.images:
         sel = [x for x in runs if x["images"] == n]
-        speedup, cpu_scaling = {}, {}
+        speedup, cpu_scaling, cores_by = {}, {}, {}
         for w in args.workers:
             pairs = [(x, y) for x in sel for y in sel
                      if x["workers"] == w and y["workers"] == 1 and x["round"] == y["round"]]
@@ -124,10 +204,15 @@ def main(argv: list[str] | None = None) -> int:
             cpu_scaling[w] = statistics.median(y["cpu_s"] / x["cpu_s"] for x, y in pairs)
             ips = [x["images_per_s"] for x in sel if x["workers"] == w]
             cpu_w = statistics.median(x["cpu_s"] for x in sel if x["workers"] == w)
+            cores = {k: _median_finite(x.get(k) for x in sel if x["workers"] == w)
+                     for k in ("worker_cores", "other_cores")}
             lines.append(f"| {n} | {w} | {statistics.median(ips):.2f} | {', '.join(f'{v:.2f}' for v in ips)} | "
-                         f"{speedup[w]:.2f}x | {cpu_w:.2f} | {cpu_scaling[w]:.2f}x |")
+                         f"{speedup[w]:.2f}x | {cpu_w:.2f} | {cpu_scaling[w]:.2f}x | "
+                         f"{cores['worker_cores']:.2f} / {cores['other_cores']:.2f} |")
+            cores_by[str(w)] = {k: round(v, 3) for k, v in cores.items() if v == v}
         by_images[str(n)] = {"speedup": {str(w): round(v, 3) for w, v in speedup.items()},
                              "cpu_scaling": {str(w): round(v, 3) for w, v in cpu_scaling.items()},
+                             "cores": cores_by,
                              "where": f"synthetic world, N={n}, T={args.sampling_steps}, {os.cpu_count()} CPUs"}
     # Weak scaling (data-parallel throughput as usually quoted): W workers at N = W x n images per step against
     # 1 worker at n, i.e. the same batch per worker, paired within a round
@@ -161,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.getloadavg()[0]:.1f} at the end (the benchmark's own workers count in both); with W workers on W "
         "free cores the ideal is W x. CPU-time scaling = "
         "rank 0's CPU seconds per step with 1 worker / with W workers (the step's compute per worker; what the "
-        "images/s ratio would approach on free cores, collectives aside).")
+        "images/s ratio would approach on free cores, collectives aside). Cores used: sampled from /proc once a "
+        "second during each fit, median over the seconds in which every training worker was busy (> 0.5 core); "
+        "'other' is every other process of the benchmark's private Ray cluster (raylet, GCS, dashboard and agent, "
+        "the Train controller and its helper actors, Ray Data's actors) plus this driver: on a machine with as many "
+        "cores as workers it is taken from the workers.")
     print(text)
     if args.out != "-":
         write_section(Path(args.out), "workers", text, {"by_images": by_images, "same_per_worker": weak})

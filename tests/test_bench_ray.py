@@ -41,6 +41,9 @@ def test_bench_workers_runs_one_and_two_workers_and_writes_its_section(tmp_path:
     rows = [line.split("|")[1:-1] for line in body.splitlines() if line.startswith("| 4 |")]
     assert [r[1].strip() for r in rows] == ["1", "2"], body
     assert all(float(r[2]) > 0 for r in rows), body  # images/s measured for both worker counts
+    for r in rows:  # cores used by the training workers / by the rest of the cluster, sampled during the fit
+        workers, other = (float(v) for v in r[7].split("/"))
+        assert workers > 0.5 and other >= 0, body
     assert speedup["4"]["1"] == 1.0 and speedup["4"]["2"] > 0
 
 
