@@ -63,9 +63,9 @@ class CoreSampler(threading.Thread):
     actors, this driver). /proc, Linux; the cluster's processes are found by their RAY_TMPDIR (re-scanned every
     few seconds, the per-second reads are only their /proc/PID/stat)."""
 
-    def __init__(self, root: str, interval_s: float = 1.0) -> None:
+    def __init__(self, root: str, interval_s: float = 1.0, busy_core: float = 0.5) -> None:
         super().__init__(daemon=True)
-        self.root, self.interval_s, self.samples = root, interval_s, []
+        self.root, self.interval_s, self.busy_core, self.samples = root, interval_s, busy_core, []
         self._stop_event = threading.Event()
         self._tick = os.sysconf("SC_CLK_TCK")
 
@@ -108,12 +108,13 @@ class CoreSampler(threading.Thread):
                 d = (cpu - last[pid]) / (now - t_last) if pid in last else 0.0
                 last[pid] = cpu
                 used[kinds[pid]] += d
-                busy += kinds[pid] == "worker" and d > 0.5
+                busy += kinds[pid] == "worker" and d > self.busy_core
             self.samples.append((busy, used["worker"], used["other"]))
             t_last = now
 
     def stop(self, workers: int) -> dict:
-        """Median cores over the seconds in which all ``workers`` training workers were busy (> 0.5 core each)."""
+        """Median cores over the seconds in which all ``workers`` training workers were busy (> ``busy_core``
+        each); NaN when there was no such second (cores shared with other work)."""
         self._stop_event.set()
         self.join()
         steady = [(w, o) for busy, w, o in self.samples if busy >= workers]
