@@ -85,7 +85,7 @@ class CoreSampler(threading.Thread):
             return "other"
 
     def run(self) -> None:
-        from fairdiff_ray.dist.cluster import _ray_processes
+        from fairdiff_ray.dist.cluster import ray_processes
 
         kinds: dict[int, str] = {}
         last: dict[int, float] = {}
@@ -93,7 +93,7 @@ class CoreSampler(threading.Thread):
         while not self._stop_event.wait(self.interval_s):
             now = time.monotonic()
             if now - rescan > 5.0:
-                for pid in [*_ray_processes(self.root), os.getpid()]:
+                for pid in [*ray_processes(self.root), os.getpid()]:
                     kinds.setdefault(pid, "other")
                 rescan = now
             used: dict[str, float] = {"worker": 0.0, "other": 0.0}

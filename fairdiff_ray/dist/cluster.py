@@ -50,7 +50,7 @@ def remove_ray_temp_root(path: str) -> None:
         time.sleep(0.5)
 
 
-def _ray_processes(root: str) -> list[int]:
+def ray_processes(root: str) -> list[int]:
     """Pids of live processes started for the Ray temp root ``root``: ``RAY_TMPDIR=root`` in their environment
     (inherited from the process that started the cluster) and a Ray process by their command line (``ray::...``
     workers and actors, Ray's binaries and Python daemons under ``.../ray/``). Linux /proc; [] elsewhere."""
@@ -80,7 +80,7 @@ def reap_ray_processes(root: str, grace_s: float = 3.0) -> list[int]:
     ``grace_s``. Call it only after ``ray.shutdown()``. Returns the pids that were still running."""
     import signal
 
-    pids = _ray_processes(root)
+    pids = ray_processes(root)
     for pid in pids:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGTERM)
