@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -60,8 +61,10 @@ def config(args: argparse.Namespace, storage: Path, name: str, workers: int, ima
 class CoreSampler(threading.Thread):
     """Cores used, second by second, by the training workers (``ray::RayTrainWorker``) and by everything else of
     this benchmark's private Ray cluster (raylet, GCS, dashboard, Train controller and helper actors, Ray Data's
-    actors, this driver). /proc, Linux; the cluster's processes are found by their RAY_TMPDIR (re-scanned every
-    few seconds, the per-second reads are only their /proc/PID/stat)."""
+    actors, this driver). /proc, Linux; the cluster's processes and their titles are re-read every few seconds
+    (a worker's title is set after its process starts), the per-second reads are only their /proc/PID/stat."""
+
+    RESCAN_S = 5.0
 
     def __init__(self, root: str, interval_s: float = 1.0, busy_core: float = 0.5) -> None:
         super().__init__(daemon=True)
@@ -69,46 +72,31 @@ class CoreSampler(threading.Thread):
         self._stop_event = threading.Event()
         self._tick = os.sysconf("SC_CLK_TCK")
 
-    def _cpu(self, pid: int) -> float | None:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / self._tick
-        except (OSError, IndexError, ValueError):
-            return None
-
-    def _kind(self, pid: int) -> str:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                return "worker" if f.read().startswith(b"ray::RayTrainWorker") else "other"
-        except OSError:
-            return "other"
-
     def run(self) -> None:
-        from fairdiff_ray.dist.cluster import ray_processes
+        from fairdiff_ray.dist.cluster import proc_stat, ray_processes
 
         kinds: dict[int, str] = {}
         last: dict[int, float] = {}
         t_last, rescan = time.monotonic(), 0.0
         while not self._stop_event.wait(self.interval_s):
             now = time.monotonic()
-            if now - rescan > 5.0:
-                for pid in [*ray_processes(self.root), os.getpid()]:
-                    kinds.setdefault(pid, "other")
+            if now - rescan > self.RESCAN_S:
+                kinds = {pid: "worker" if cmd.startswith(b"ray::RayTrainWorker") else "other"
+                         for pid, cmd in ray_processes(self.root).items()}
+                kinds[os.getpid()] = "other"
                 rescan = now
             used: dict[str, float] = {"worker": 0.0, "other": 0.0}
             busy = 0
-            for pid in list(kinds):
-                cpu = self._cpu(pid)
-                if cpu is None:
+            for pid, kind in list(kinds.items()):
+                fields = proc_stat(pid)
+                if not fields:
                     kinds.pop(pid)
                     continue
-                if kinds[pid] == "other" and pid != os.getpid():
-                    kinds[pid] = self._kind(pid)  # a worker's title is set after its process starts
+                cpu = (int(fields[11]) + int(fields[12])) / self._tick
                 d = (cpu - last[pid]) / (now - t_last) if pid in last else 0.0
                 last[pid] = cpu
-                used[kinds[pid]] += d
-                busy += kinds[pid] == "worker" and d > self.busy_core
+                used[kind] += d
+                busy += kind == "worker" and d > self.busy_core
             self.samples.append((busy, used["worker"], used["other"]))
             t_last = now
 
@@ -125,7 +113,7 @@ class CoreSampler(threading.Thread):
 
 
 def _median_finite(values) -> float:  # noqa: ANN001
-    vals = [float(v) for v in values if v is not None and v == v]
+    vals = [float(v) for v in values if v is not None and not math.isnan(v)]
     return statistics.median(vals) if vals else float("nan")
 
 
@@ -210,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {n} | {w} | {statistics.median(ips):.2f} | {', '.join(f'{v:.2f}' for v in ips)} | "
                          f"{speedup[w]:.2f}x | {cpu_w:.2f} | {cpu_scaling[w]:.2f}x | "
                          f"{cores['worker_cores']:.2f} / {cores['other_cores']:.2f} |")
-            cores_by[str(w)] = {k: round(v, 3) for k, v in cores.items() if v == v}
+            cores_by[str(w)] = {k: round(v, 3) for k, v in cores.items() if not math.isnan(v)}
         by_images[str(n)] = {"speedup": {str(w): round(v, 3) for w, v in speedup.items()},
                              "cpu_scaling": {str(w): round(v, 3) for w, v in cpu_scaling.items()},
                              "cores": cores_by,

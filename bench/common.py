@@ -44,15 +44,21 @@ def write_section(path: Path, name: str, body: str, data: dict | None = None, to
     atomic_write_text(path, text)
 
 
-def section_data(path: Path, name: str) -> dict | None:
-    """The ``data`` a section was written with (None: no such section, or no data)."""
+def section_text(path: Path, name: str) -> str | None:
+    """The body of the ``<!-- bench:NAME -->`` section of ``path`` (None: no such file or section)."""
     if not path.exists():
         return None
     text = path.read_text(encoding="utf-8")
     begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     if begin not in text or end not in text:
         return None
-    m = _DATA.search(text.split(begin, 1)[1].split(end, 1)[0])
+    return text.split(begin, 1)[1].split(end, 1)[0]
+
+
+def section_data(path: Path, name: str) -> dict | None:
+    """The ``data`` a section was written with (None: no such section, or no data)."""
+    body = section_text(path, name)
+    m = _DATA.search(body) if body is not None else None
     return json.loads(m.group(1)) if m else None
 
 

@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import section_text  # noqa: E402
 
 
 def _env() -> dict[str, str]:
@@ -23,9 +26,9 @@ def test_gpu_script_dry_run_writes_both_sections(tmp_path: Path) -> None:
                        env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "dry run OK" in r.stdout
-    text = out.read_text()
     for section in ("step-gpu", "memory-gpu"):
-        body = text.split(f"<!-- bench:{section} -->")[1].split(f"<!-- /bench:{section} -->")[0]
+        body = section_text(out, section)
+        assert body is not None, f"no section {section} in {out.read_text()[:2000]}"
         rows = [line for line in body.splitlines() if line.startswith("| sd15")]
         assert rows, f"no sd15 row in section {section}:\n{body}"
 

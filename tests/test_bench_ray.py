@@ -14,30 +14,34 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import section_text  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
-def _run(script: str, args: list[str], out: Path) -> tuple[str, dict]:
+def _run(script: str, args: list[str], out: Path) -> tuple[Path, dict]:
     # a fresh interpreter with its own private local cluster (the suite's RAY_TMPDIR belongs to its clusters)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_TMPDIR", "RAY_ADDRESS")}
     env["OMP_NUM_THREADS"] = "1"
     r = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args, "--out", str(out)], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
-    return out.read_text(), json.loads(r.stdout.strip().splitlines()[-1])
+    return out, json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def _section(text: str, name: str) -> str:
-    assert f"<!-- bench:{name} -->" in text, text[:2000]
-    return text.split(f"<!-- bench:{name} -->")[1].split(f"<!-- /bench:{name} -->")[0]
+def _section(out: Path, name: str) -> str:
+    body = section_text(out, name)
+    assert body is not None, out.read_text()[:2000]
+    return body
 
 
 def test_bench_workers_runs_one_and_two_workers_and_writes_its_section(tmp_path: Path) -> None:
-    text, speedup = _run("bench_workers.py", ["--workers", "1", "2", "--images", "4", "--chunk-size", "2",
+    out, speedup = _run("bench_workers.py", ["--workers", "1", "2", "--images", "4", "--chunk-size", "2",
                                               "--sampling-steps", "2", "--steps", "2", "--rounds", "1"],
                          tmp_path / "BENCHMARKS.md")
-    body = _section(text, "workers")
+    body = _section(out, "workers")
     rows = [line.split("|")[1:-1] for line in body.splitlines() if line.startswith("| 4 |")]
     assert [r[1].strip() for r in rows] == ["1", "2"], body
     assert all(float(r[2]) > 0 for r in rows), body  # images/s measured for both worker counts
@@ -50,9 +54,9 @@ def test_bench_workers_runs_one_and_two_workers_and_writes_its_section(tmp_path:
 
 
 def test_bench_eval_runs_every_variant_and_writes_its_section(tmp_path: Path) -> None:
-    text, per_worker = _run("bench_eval.py", ["--prompts", "3", "--images", "2", "--steps", "2", "--actors", "2",
+    out, per_worker = _run("bench_eval.py", ["--prompts", "3", "--images", "2", "--steps", "2", "--actors", "2",
                                               "--rounds", "1"], tmp_path / "BENCHMARKS.md")
-    body = _section(text, "eval")
+    body = _section(out, "eval")
     rows = {line.split("|")[1].strip(): line for line in body.splitlines() if line.startswith("| ")}
     for v in ("plain", "local", "ray 2"):
         assert v in rows, body
@@ -63,7 +67,6 @@ def test_bench_eval_runs_every_variant_and_writes_its_section(tmp_path: Path) ->
 def test_core_sampler_tells_training_workers_from_the_rest_of_the_cluster(tmp_path: Path) -> None:
     """bench_workers.CoreSampler on stand-in processes: two busy loops titled like Ray Train workers and an idle
     Ray-looking daemon under the sampled Ray temp root, a busy loop under another root (not counted)."""
-    sys.path.insert(0, str(ROOT))
     from bench.bench_workers import CoreSampler
 
     root, other_root = str(tmp_path / "mine"), str(tmp_path / "other")

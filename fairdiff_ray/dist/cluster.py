@@ -50,15 +50,16 @@ def remove_ray_temp_root(path: str) -> None:
         time.sleep(0.5)
 
 
-def ray_processes(root: str) -> list[int]:
-    """Pids of live processes started for the Ray temp root ``root``: ``RAY_TMPDIR=root`` in their environment
-    (inherited from the process that started the cluster) and a Ray process by their command line (``ray::...``
-    workers and actors, Ray's binaries and Python daemons under ``.../ray/``). Linux /proc; [] elsewhere."""
-    want, me, out = f"RAY_TMPDIR={root}".encode(), os.getpid(), []
+def ray_processes(root: str) -> dict[int, bytes]:
+    """Live processes started for the Ray temp root ``root``, pid -> command line: ``RAY_TMPDIR=root`` in their
+    environment (inherited from the process that started the cluster) and a Ray process by their command line
+    (``ray::...`` workers and actors, Ray's binaries and Python daemons under ``.../ray/``). Linux /proc; {}
+    elsewhere."""
+    want, me, out = f"RAY_TMPDIR={root}".encode(), os.getpid(), {}
     try:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
-        return []
+        return {}
     for pid in pids:
         if pid == me:
             continue
@@ -71,8 +72,18 @@ def ray_processes(root: str) -> list[int]:
         except OSError:  # gone, or not ours to read
             continue
         if cmd.startswith(b"ray::") or b"/ray/" in cmd:
-            out.append(pid)
+            out[pid] = cmd
     return out
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first, utime and stime at 11 and 12); None
+    when the process is gone or /proc is not there."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
 
 
 def reap_ray_processes(root: str, grace_s: float = 3.0) -> list[int]:
@@ -80,7 +91,7 @@ def reap_ray_processes(root: str, grace_s: float = 3.0) -> list[int]:
     ``grace_s``. Call it only after ``ray.shutdown()``. Returns the pids that were still running."""
     import signal
 
-    pids = ray_processes(root)
+    pids = list(ray_processes(root))
     for pid in pids:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGTERM)
@@ -96,11 +107,8 @@ def reap_ray_processes(root: str, grace_s: float = 3.0) -> list[int]:
 
 def _alive(pid: int) -> bool:
     """Running (a zombie awaiting its parent's wait() counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+    fields = proc_stat(pid)
+    return bool(fields) and fields[0] != "Z"
 
 
 def _private_local_env() -> str | None:
