@@ -134,6 +134,10 @@ class LossConfig(_Section):
     # synthetic world): blurring a face until it is no longer detected escapes the CE. Needs a detector with
     # ``presence_logit`` (faces.detector: synthetic).
     lambda_presence: float = Field(0.0, ge=0)
+    # which images the presence term applies to: "reference" = those whose original has a face (as above; needs
+    # the frozen model's images), "all" = every image. With "all" and no other term reading the original (L_img,
+    # L_face, preserve, detail off) a step samples no reference chain at all (a quarter of a step's cost on CPU).
+    presence_on: Literal["reference", "all"] = "reference"
     # Attributes NOT aligned that every image keeps from its original: lambda_preserve * CE(h_a(face(x_i)), r_i^a),
     # r_i^a the original image's predicted class, on images where both have a face (empty = METHOD.md). Debiasing
     # gender alone otherwise lets race and age drift (synthetic demo: old 0.18 -> 0.56) and the drift gives the

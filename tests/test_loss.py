@@ -278,6 +278,23 @@ def test_presence_term_pulls_a_lost_face_back_and_needs_a_differentiable_detecto
     with pytest.raises(ConfigError, match="lambda_presence"):
         FairnessLoss(FairDiffConfig(loss={"lambda_presence": 1.0}), nets["detector"], nets["classifier"], {})
 
+    # presence_on=all: every image, no original needed (a step then samples no reference chain)
+    fn = build_loss(FairDiffConfig(loss={"lambda_presence": 2.0, "lambda_img": 0.0, "presence_on": "all"}))
+    assert not fn.needs_reference
+    images = gen.clone().requires_grad_()
+    v_all, m_all = fn(images, fn.score(images), None, no, normalizer=n)
+    v_all.backward()
+    assert (images.grad.flatten(1).abs().sum(1) > 0).all()  # all four rows, with or without an original face
+    assert m_all["loss_presence"] > m2["loss_presence"]  # twice the images
+    # the same images, reference mode, every original with a face: the same value
+    ref_all = render(zeros, zeros, zeros, zeros, seed=5, face=torch.ones(n, dtype=torch.bool).numpy())["images"]
+    fn_ref = build_loss(FairDiffConfig(loss={"lambda_presence": 2.0, "lambda_img": 0.0}))
+    assert fn_ref.needs_reference
+    v_ref, _ = fn_ref(gen, fn_ref.score(gen), fn_ref.reference(ref_all), no, normalizer=n)
+    torch.testing.assert_close(v_ref, v_all.detach())
+    with pytest.raises(ValueError, match="ref is None"):
+        fn_ref(gen, fn_ref.score(gen), None, no, normalizer=n)
+
 
 def test_preserve_term_holds_unaligned_attributes_at_the_original_class() -> None:
     """loss.preserve: CE of the generated face's race / age towards the original image's predicted class."""

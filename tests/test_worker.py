@@ -203,6 +203,34 @@ def test_reference_images_ride_along_in_the_current_chain(tmp_path):
     assert not _worker(tmp_path, "train.schedule=reference").batch_reference
 
 
+@pytest.mark.parametrize("kind", ["text_lora", "both"])
+def test_no_reference_chain_when_no_term_reads_the_originals(tmp_path, monkeypatch, kind):
+    """Without L_img / L_face / preserve / detail (and presence on every image) a step samples no frozen-model
+    chain: a third fewer UNet calls, the same update as a step that samples the reference and ignores it."""
+    from fairdiff_ray.training.loss import FairnessLoss
+
+    def run(force_reference: bool):
+        with monkeypatch.context() as mp:
+            if force_reference:
+                mp.setattr(FairnessLoss, "needs_reference", property(lambda self: True))
+            w = _worker(tmp_path, "deepspeed.enabled=false", "train.schedule=fused", "sampler.keep_activations_mb=0",
+                        f"adaptor.kind={kind}", "loss.lambda_img=0")
+            assert w.loss.needs_reference == force_reference
+            w.batch_reference = False
+            calls = []
+            w.comp.unet.register_forward_pre_hook(lambda *_: calls.append(1))
+            for step in range(2):
+                m = w.train_step([PROMPT], step=step).metrics
+        return _snapshot(w), m, len(calls), w.cfg
+
+    (a, ma, calls_a, cfg), (b, mb, calls_b, _) = run(False), run(True)
+    assert ma["loss/align"] > 0 and ma["loss/align"] == pytest.approx(mb["loss/align"], rel=1e-5)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    sampling = cfg.train.images_per_prompt // cfg.train.chunk_size * sum(num_sampling_steps(cfg, s) for s in range(2))
+    assert (calls_a, calls_b) == (2 * sampling, 3 * sampling)  # forward + recompute; plus the reference chain
+
+
 @pytest.mark.parametrize("engine", ["deepspeed.zero_stage=0", "deepspeed.zero_stage=1"])
 def test_reentrant_checkpoint_gives_the_same_gradients(tmp_path, engine):
     """sampler.checkpoint_mode=reentrant: text-encoder and UNet LoRA (embeddings through eps_args, UNet weights

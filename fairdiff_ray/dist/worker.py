@@ -6,7 +6,8 @@ images, targets and gradient of 1 worker x W n. A rank's rows of a step (every p
 are cut into chunks of ``train.chunk_size`` images; a chunk may span prompts, so several prompts share one
 batched sampling chain (far fewer, larger UNet calls). One training step:
 
-1. Reference images o_j: the base model (``adaptor.disabled()``) under no_grad from the same noise.
+1. Reference images o_j: the base model (``adaptor.disabled()``) under no_grad from the same noise (not sampled
+   when no active loss term reads them: ``FairnessLoss.needs_reference``).
 2. Current images x_j and their class probabilities p_j (``train.schedule``: "fused" keeps each chunk's
    graph from this pass; "reference" samples under no_grad here and regenerates each chunk with gradients in
    step 4, memory bounded by ``train.chunk_size``; both give the same gradient).
@@ -268,7 +269,12 @@ class Worker:
         refs, kept, probs, found = [], [], [], []
         for rows in chunks:  # passes 1-2: reference and current images, probabilities
             texts, x_T, trunc = chain_inputs(rows)
-            if self.batch_reference:
+            if not self.loss.needs_reference:  # no active term reads the original images: no frozen chain
+                refs.append(None)
+                with contextlib.nullcontext() if fused else torch.no_grad():
+                    images = self.generate(texts, x_T, steps, grad=fused, trunc_seed=trunc)
+                    scored = self.loss.score(images)
+            elif self.batch_reference:
                 images, ref_images = self.generate_with_reference(texts, x_T, steps, trunc_seed=trunc)
                 with torch.no_grad():
                     refs.append(self.loss.reference(ref_images))

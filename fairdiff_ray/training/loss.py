@@ -9,7 +9,8 @@ Notation (METHOD.md):
 
 Per image:  CE-sum over attributes  +  lambda_img * w_i * sum_nets (1 - cos(F(x_i), F(o_i)))
             +  lambda_face * (1 - cos(e(x_i), t_i))  [+ lambda_presence * -log P(face in x_i), an option:
-            on images whose original has a face, from a detector with a differentiable score]
+            on images whose original has a face (or every image: loss.presence_on), from a detector with a
+            differentiable score]
             [+ lambda_preserve * sum over a in loss.preserve of CE(h_a(face(x_i)), r_i^a), an option: attributes
             not aligned keep the original's class, on images where both have a face]
             [+ lambda_detail * |log E(x_i) - log E(o_i)|, an option: E the fine-detail energy, keeps x_i as sharp
@@ -165,6 +166,12 @@ class FairnessLoss:
                 "loss.lambda_presence=0"
             )
 
+    @property
+    def needs_reference(self) -> bool:
+        """Whether any active term reads the original images o_i (else a step need not sample them)."""
+        return (self.use_img or self.use_face or bool(self.preserve) or self.cfg.loss.lambda_detail > 0
+                or (self.use_presence and self.cfg.loss.presence_on == "reference"))
+
     def to(self, device: str | torch.device) -> FairnessLoss:
         """Move the torch modules (a torch detector too; dlib / InsightFace run on CPU copies) and the bank."""
         for net in [self.detector, self.classifier, self.face_embedder, *self.features.values()]:
@@ -225,20 +232,24 @@ class FairnessLoss:
     # ----------------------------------------------------------------------------------------------------------
 
     def __call__(
-        self, images: Tensor, scored: Scored, ref: dict[str, Any], targets: dict[str, Tensor], normalizer: int
+        self, images: Tensor, scored: Scored, ref: dict[str, Any] | None, targets: dict[str, Tensor],
+        normalizer: int,
     ) -> tuple[Tensor, dict[str, float]]:
         """images: (B, 3, H, W) generated, with gradients; scored = self.score(images); ref =
-        self.reference(ref_images); targets: attribute -> (B,) long (-1: none); normalizer: global N.
-        Returns (this worker's share of the loss, metrics)."""
+        self.reference(ref_images), or None when not ``needs_reference``; targets: attribute -> (B,) long (-1:
+        none); normalizer: global N. Returns (this worker's share of the loss, metrics)."""
         if normalizer <= 0:
             raise ValueError(f"normalizer must be the positive global image count, got {normalizer}")
+        if ref is None and self.needs_reference:
+            raise ValueError("ref is None, but an active loss term compares with the original images: pass "
+                             "self.reference(original images)")
         missing = [a for a in self.attributes if a not in targets]
         if missing:
             raise ValueError(f"targets lack attribute(s) {missing}; expected {self.attributes}")
         dev = images.device
         found = scored.faces.found.to(dev)
         tg = {a: torch.where(found, targets[a].to(dev).long(), -1) for a in self.attributes}
-        ref_labels = {a: ref["labels"][a].to(dev) for a in self.attributes}
+        ref_labels = {a: ref["labels"][a].to(dev) for a in self.attributes} if ref is not None else {}
 
         # (1) L_align: CE on the confident targets (METHOD.md section 2, step 4)
         total, metrics = alignment_loss(scored.logits, tg, normalizer)
@@ -258,9 +269,11 @@ class FairnessLoss:
             metrics.update(m)
         # (4) option: keep the face detectable where the original has one
         if self.use_presence:
-            ref_found = ref["faces"].found.to(dev).to(images.dtype)
             logit = _call(self.detector.presence_logit, images, self.checkpoint).float()
-            l_pres = (ref_found * torch.nn.functional.softplus(-logit)).sum() / normalizer
+            l_pres = torch.nn.functional.softplus(-logit)
+            if self.cfg.loss.presence_on == "reference":
+                l_pres = ref["faces"].found.to(dev).to(l_pres.dtype) * l_pres
+            l_pres = l_pres.sum() / normalizer
             total = total + self.cfg.loss.lambda_presence * l_pres
             metrics["loss_presence"] = float(l_pres.detach())
         # (5) option: keep the original's amount of fine detail (no blurring into a class)
