@@ -99,6 +99,11 @@ class SamplerConfig(_Section):
     # the steps; not with deepspeed.zero_stage >= 2 when the UNet is trained); auto = reentrant where allowed.
     # Same images and gradients (up to float summation order).
     checkpoint_mode: Literal["auto", "non_reentrant", "reentrant"] = "auto"
+    # dtype of the frozen model's reference chain (no grad; the original images o_i) when it should differ from
+    # the training dtype: the worker loads a second, frozen copy of the base model in it (memory: one more base
+    # model). null = the training dtype. On CPUs with AVX512-BF16 a bfloat16 chain runs ~1.6x faster; the
+    # reference images differ from float32 ones by rounding only.
+    reference_dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
     @model_validator(mode="after")
     def _k(self) -> SamplerConfig:
@@ -232,6 +237,9 @@ class EvalConfig(_Section):
     grid_images: int = Field(8, gt=0)
     cpus_per_actor: float = Field(1.0, gt=0)  # CPUs reserved by each generation actor (and the scoring actor)
     prompts_per_part: int = Field(4, gt=0)  # prompts per resumable parquet part (per model)
+    # dtype of the evaluation's generation (base and adaptors alike); null = model.dtype. bfloat16 on a CPU with
+    # AVX512-BF16: the demo's evaluation 1.22x faster, base bias unchanged to 3 decimals (README)
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
 
 class FairDiffConfig(_Section):

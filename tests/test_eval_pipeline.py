@@ -96,6 +96,23 @@ def test_resume_after_crash_reuses_finished_parts(tmp_path: Path) -> None:
     assert len(list(out.glob("parts/base/*"))) == 2
 
 
+
+def test_eval_dtype_is_its_own_setting(tmp_path: Path) -> None:
+    """eval.dtype generates in its dtype (default model.dtype) and keys the parts: no float32 part is reused
+    for a bfloat16 evaluation."""
+    from fairdiff_ray.eval.pipeline import eval_spec, plan_for
+    from fairdiff_ray.eval.prompts import EvalPrompt
+
+    models = {"base": None}
+    assert eval_spec(make_cfg(tmp_path), models)["dtype"] == "float32"
+    assert eval_spec(make_cfg(tmp_path, "model.dtype=float16"), models)["dtype"] == "float16"
+    assert eval_spec(make_cfg(tmp_path, "model.dtype=float16", "eval.dtype=bfloat16"), models)["dtype"] == "bfloat16"
+    prompts = [EvalPrompt(concept="occupations", prompt="A photo of the face of a nurse, a person")]
+    paths = {dt: plan_for(make_cfg(tmp_path, *dt), models, prompts, tmp_path / "out")[0].path
+             for dt in [(), ("eval.dtype=bfloat16",)]}
+    assert paths[()] != paths[("eval.dtype=bfloat16",)]
+
+
 SEED_SCRIPT = """
 import json, sys
 sys.path.insert(0, {root!r})

@@ -231,6 +231,31 @@ def test_no_reference_chain_when_no_term_reads_the_originals(tmp_path, monkeypat
     assert (calls_a, calls_b) == (2 * sampling, 3 * sampling)  # forward + recompute; plus the reference chain
 
 
+def test_reference_chain_in_its_own_dtype(tmp_path):
+    """sampler.reference_dtype=bfloat16: the frozen model's images come from a bfloat16 copy of the base model
+    (rounding apart the float32 ones); the adapted model and its gradients stay float32."""
+    w32 = _worker(tmp_path, "deepspeed.enabled=false", "train.schedule=fused", "adaptor.kind=both")
+    w16 = _worker(tmp_path, "deepspeed.enabled=false", "train.schedule=fused", "adaptor.kind=both",
+                  "sampler.reference_dtype=bfloat16")
+    assert w32.ref_comp is None and w16.ref_comp is not None and w16.ref_comp.dtype == torch.bfloat16
+    assert not any(p.requires_grad for p in w16.ref_comp.unet.parameters())
+    assert w16.comp.dtype == torch.float32
+    rows = [(0, j) for j in range(4)]
+    x_T = w32._noise(0, rows)
+    a = w32.generate([PROMPT] * 4, x_T, 3, grad=False, base=True)
+    b = w16.generate([PROMPT] * 4, x_T, 3, grad=False, base=True)
+    assert b.dtype == torch.float32 and b.shape == a.shape
+    assert 0 < float((a - b).abs().mean()) < 0.02  # rounding, not another image
+    before = _snapshot(w16)
+    for step in range(2):
+        m = w16.train_step([PROMPT], step=step).metrics
+    assert m["applied"] == 1.0 and m["loss/img"] > 0
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in _snapshot(w16).values())
+    assert any(not torch.equal(before[k], v) for k, v in _snapshot(w16).items())
+    # the training dtype itself: no second copy
+    assert _worker(tmp_path, "deepspeed.enabled=false", "sampler.reference_dtype=float32").ref_comp is None
+
+
 @pytest.mark.parametrize("engine", ["deepspeed.zero_stage=0", "deepspeed.zero_stage=1"])
 def test_reentrant_checkpoint_gives_the_same_gradients(tmp_path, engine):
     """sampler.checkpoint_mode=reentrant: text-encoder and UNet LoRA (embeddings through eps_args, UNet weights

@@ -175,6 +175,14 @@ class Worker:
         # fused schedule, adaptor outside the UNet (the frozen and the current model share it): the reference
         # images ride along in the current images' UNet calls (core.sampler grad_rows) instead of a chain of their own
         self.batch_reference = cfg.train.schedule == "fused" and cfg.adaptor.kind not in UNET_KINDS
+        # sampler.reference_dtype: the reference chain on its own frozen base model in that dtype
+        ref_dtype = getattr(torch, cfg.sampler.reference_dtype or "float32")
+        self.ref_comp = None
+        if cfg.sampler.reference_dtype is not None and ref_dtype != compute_dtype(cfg):
+            self.ref_comp = self.builders.components(cfg, device, ref_dtype)
+            for m in (self.ref_comp.text_encoder, self.ref_comp.unet, self.ref_comp.vae):
+                m.requires_grad_(False).eval()
+            self.batch_reference = False
 
     # -- generation ----------------------------------------------------------------------------------------
 
@@ -184,31 +192,43 @@ class Worker:
         return cond, self.adaptor.uncond(len(prompts)) if self.cfg.sampler.guidance_scale > 1 else None
 
     def _latents(self, cond: torch.Tensor, uncond: torch.Tensor | None, x_T: torch.Tensor, steps: int, grad: bool,
-                 trunc_seed: int, grad_rows: int | None = None) -> torch.Tensor:
+                 trunc_seed: int, grad_rows: int | None = None, unet: torch.nn.Module | None = None) -> torch.Tensor:
         """x_0 (B, 4, h, w) of the sampling chain on these embeddings (core.sampler); with ``grad_rows`` only the
-        first rows are differentiated."""
+        first rows are differentiated; ``unet``: another UNet than the adapted one (the reference copy)."""
         from fairdiff_ray.models.sd import make_scheduler, unet_eps_args, unet_eps_fn
 
         s = self.cfg.sampler
         return sample_with_grad(
-            unet_eps_fn(self.comp.unet, cond, uncond), x_T, make_scheduler(s.scheduler, self.comp.scheduler_config),
+            unet_eps_fn(unet or self.comp.unet, cond, uncond), x_T,
+            make_scheduler(s.scheduler, self.comp.scheduler_config),
             estimator=s.estimator, truncate_k=s.truncate_k, checkpoint=s.checkpoint and grad,
             guidance_scale=s.guidance_scale, generator=torch.Generator().manual_seed(trunc_seed),
             num_inference_steps=steps, keep_activations_bytes=self.keep_activations_bytes if grad else 0,
             checkpoint_mode=self.checkpoint_mode, eps_args=unet_eps_args(cond, uncond), grad_rows=grad_rows,
         )
 
-    def _decode(self, x_0: torch.Tensor, grad: bool) -> torch.Tensor:
+    def _decode(self, x_0: torch.Tensor, grad: bool, vae: torch.nn.Module | None = None) -> torch.Tensor:
         """Images (B, 3, H, W) float32 in [-1, 1]; the VAE decoder checkpointed when it carries gradients."""
         from fairdiff_ray.models.sd import decode_latents
 
         if grad and self.cfg.sampler.checkpoint:
             return _checkpoint(decode_latents, self.comp.vae, x_0, use_reentrant=False).float()
-        return decode_latents(self.comp.vae, x_0).float()
+        return decode_latents(vae or self.comp.vae, x_0).float()
 
     def generate(self, prompts: list[str], x_T: torch.Tensor, steps: int, *, grad: bool, base: bool = False,
                  trunc_seed: int = 0) -> torch.Tensor:
-        """Images (b, 3, H, W) float32 in [-1, 1] for b prompts/noises; the base model when ``base``."""
+        """Images (b, 3, H, W) float32 in [-1, 1] for b prompts/noises; the base model when ``base`` (its own
+        frozen copy in ``sampler.reference_dtype`` when one is set)."""
+        if base and self.ref_comp is not None:
+            from fairdiff_ray.models.sd import encode_prompts
+
+            rc = self.ref_comp
+            with torch.no_grad():
+                cond = encode_prompts(rc.tokenizer, rc.text_encoder, prompts)
+                uncond = (encode_prompts(rc.tokenizer, rc.text_encoder, [""] * len(prompts))
+                          if self.cfg.sampler.guidance_scale > 1 else None)
+                x_0 = self._latents(cond, uncond, x_T.to(rc.dtype), steps, False, trunc_seed, unet=rc.unet)
+                return self._decode(x_0, False, vae=rc.vae)
         ctx = self.adaptor.disabled() if base else contextlib.nullcontext()
         with ctx, torch.set_grad_enabled(grad):
             return self._decode(self._latents(*self._embeddings(prompts), x_T, steps, grad, trunc_seed), grad)

@@ -55,7 +55,7 @@ def eval_spec(cfg: FairDiffConfig, models: dict[str, str | None]) -> dict[str, A
     return {
         "models": dict(models),
         "model_path": cfg.model.path,
-        "dtype": cfg.model.dtype,
+        "dtype": ev.dtype or cfg.model.dtype,
         "device": cfg.model.device,
         "scheduler": ev.scheduler,
         "steps": ev.steps,
