@@ -96,7 +96,6 @@ def test_resume_after_crash_reuses_finished_parts(tmp_path: Path) -> None:
     assert len(list(out.glob("parts/base/*"))) == 2
 
 
-
 def test_eval_dtype_is_its_own_setting(tmp_path: Path) -> None:
     """eval.dtype generates in its dtype (default model.dtype) and keys the parts: no float32 part is reused
     for a bfloat16 evaluation."""

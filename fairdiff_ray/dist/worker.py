@@ -172,9 +172,6 @@ class Worker:
         # step keeps up to chunks x this); 0 = checkpoint every call
         self.keep_activations_bytes = int(cfg.sampler.keep_activations_mb * 2**20)
         self.checkpoint_mode = cfg.checkpoint_mode()  # how checkpointed eps calls are wrapped (auto resolved)
-        # fused schedule, adaptor outside the UNet (the frozen and the current model share it): the reference
-        # images ride along in the current images' UNet calls (core.sampler grad_rows) instead of a chain of their own
-        self.batch_reference = cfg.train.schedule == "fused" and cfg.adaptor.kind not in UNET_KINDS
         # sampler.reference_dtype: the reference chain on its own frozen base model in that dtype
         ref_dtype = getattr(torch, cfg.sampler.reference_dtype or "float32")
         self.ref_comp = None
@@ -182,7 +179,11 @@ class Worker:
             self.ref_comp = self.builders.components(cfg, device, ref_dtype)
             for m in (self.ref_comp.text_encoder, self.ref_comp.unet, self.ref_comp.vae):
                 m.requires_grad_(False).eval()
-            self.batch_reference = False
+        # fused schedule, adaptor outside the UNet (the frozen and the current model share it), a reference in the
+        # training dtype that some loss term reads: the reference images ride along in the current images' UNet
+        # calls (core.sampler grad_rows) instead of a chain of their own
+        self.batch_reference = (cfg.train.schedule == "fused" and cfg.adaptor.kind not in UNET_KINDS
+                                and self.ref_comp is None and self.loss.needs_reference)
 
     # -- generation ----------------------------------------------------------------------------------------
 
@@ -211,9 +212,10 @@ class Worker:
         """Images (B, 3, H, W) float32 in [-1, 1]; the VAE decoder checkpointed when it carries gradients."""
         from fairdiff_ray.models.sd import decode_latents
 
+        vae = vae or self.comp.vae
         if grad and self.cfg.sampler.checkpoint:
-            return _checkpoint(decode_latents, self.comp.vae, x_0, use_reentrant=False).float()
-        return decode_latents(vae or self.comp.vae, x_0).float()
+            return _checkpoint(decode_latents, vae, x_0, use_reentrant=False).float()
+        return decode_latents(vae, x_0).float()
 
     def generate(self, prompts: list[str], x_T: torch.Tensor, steps: int, *, grad: bool, base: bool = False,
                  trunc_seed: int = 0) -> torch.Tensor:
@@ -289,20 +291,16 @@ class Worker:
         refs, kept, probs, found = [], [], [], []
         for rows in chunks:  # passes 1-2: reference and current images, probabilities
             texts, x_T, trunc = chain_inputs(rows)
-            if not self.loss.needs_reference:  # no active term reads the original images: no frozen chain
-                refs.append(None)
-                with contextlib.nullcontext() if fused else torch.no_grad():
-                    images = self.generate(texts, x_T, steps, grad=fused, trunc_seed=trunc)
-                    scored = self.loss.score(images)
-            elif self.batch_reference:
+            if self.batch_reference:
                 images, ref_images = self.generate_with_reference(texts, x_T, steps, trunc_seed=trunc)
                 with torch.no_grad():
                     refs.append(self.loss.reference(ref_images))
                 scored = self.loss.score(images)
-            else:
+            else:  # no reference chain when no active term reads the original images
                 with torch.no_grad():
                     refs.append(self.loss.reference(self.generate(texts, x_T, steps, grad=False, base=True,
-                                                                  trunc_seed=trunc)))
+                                                                  trunc_seed=trunc))
+                                if self.loss.needs_reference else None)
                 with contextlib.nullcontext() if fused else torch.no_grad():
                     images = self.generate(texts, x_T, steps, grad=fused, trunc_seed=trunc)
                     scored = self.loss.score(images)
