@@ -84,7 +84,7 @@ UNET_KINDS = ("unet_lora", "both", "full_unet")  # adaptor kinds that train UNet
 
 class SamplerConfig(_Section):
     scheduler: Literal["dpmsolver++", "ddim"] = "dpmsolver++"
-    steps: int = Field(20, gt=0)
+    steps: int = Field(21, gt=0)  # METHOD.md: 19-23 steps per training step
     steps_jitter: int = Field(2, ge=0)  # training draws steps uniformly in [steps - jitter, steps + jitter]
     guidance_scale: float = Field(7.5, ge=0)
     estimator: Literal["adjusted", "exact", "truncated", "random_truncation"] = "adjusted"
@@ -128,10 +128,13 @@ class LossConfig(_Section):
     lambda_img: float = Field(8.0, ge=0)
     lambda_face: float = Field(1.0, ge=0)
     mismatch_weight: dict[str, float] = {"gender": 0.2, "race": 0.6, "age": 0.6}
+    # an image with a face but no confident target (-1) counts as a match: L_img weight 1, no face-region damping,
+    # L_face towards its original (false = METHOD.md and the reference code: it counts as a mismatch)
+    unconfident_as_match: bool = False
     face_region_scale: dict[str, float] = {"gender": 0.2, "race": 0.3, "age": 0.3}
     face_confidence: float = Field(0.9, gt=0, le=1)
-    # L_img weight of an image whose face the detector no longer finds although the original image has one
-    # (1 = METHOD.md). Such images get no alignment target, so drifting into a blurred, undetected face escapes
+    # multiplies the L_img weight w_i of an image whose face the detector no longer finds although the original
+    # image has one (1 = METHOD.md). Such images get no alignment target, so drifting into a blurred, undetected face escapes
     # the CE; a larger weight pulls them back to the original.
     lost_face_weight: float = Field(1.0, ge=0)
     # lambda_presence * -log P(face) from the detector's differentiable face score, on images whose original has a
@@ -177,6 +180,7 @@ class TrainConfig(_Section):
     num_to_keep: int = Field(2, gt=0)
     validate_every: int = Field(0, ge=0)  # 0 = no periodic validation; else also one before the first step
     val_prompts: int = Field(4, gt=0)  # periodic validation: the first this-many 'val' prompts of the mix
+    val_steps: int | None = Field(None, gt=0)  # sampling steps of a validation; null = sampler.steps (METHOD.md: 25)
     log_every: int = Field(1, gt=0)
     max_grad_norm: float | None = None
     # learning-rate schedule over train.steps (training/lr.py): constant (METHOD.md, the paper), or a linear
@@ -233,7 +237,10 @@ class EvalConfig(_Section):
     num_actors: int = Field(1, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
     max_prompts: int | None = Field(None, gt=0)
-    classifier: ClassifierConfig = ClassifierConfig()
+    # METHOD.md: evaluation uses classifiers and feature nets different from the training's; where they are the
+    # same, summary.json (eval.classifier_as_training / features_as_training) and the report say so
+    classifier: ClassifierConfig = ClassifierConfig(variant="eval")
+    features: FeaturesConfig | None = None  # feature nets of the semantic similarities; null = the training's
     grid_images: int = Field(8, gt=0)
     cpus_per_actor: float = Field(1.0, gt=0)  # CPUs reserved by each generation actor (and the scoring actor)
     prompts_per_part: int = Field(4, gt=0)  # prompts per resumable parquet part (per model)

@@ -41,7 +41,7 @@ def before_after_table(summary: dict[str, Any]) -> str:
         for a in attrs:
             b = m["bias"][a]
             cells.append("-" if b["mean"] is None else f"{b['mean']:.3f} ± {b['std']:.3f}")
-        cells.append(f"{m['face_rate']:.3f}")
+        cells.append("-" if m["face_rate"] is None else f"{m['face_rate']:.3f}")
         cells += [_fmt(m["uncertain"][a]).strip() for a in unc]
         cells += [_fmt(m.get("semantics", {}).get(s)).strip() for s in sems]
         lines.append("| " + " | ".join(cells) + " |")

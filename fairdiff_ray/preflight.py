@@ -11,7 +11,7 @@ UserError naming the file / key / value; prompts the tokenizer will truncate pri
 
 from __future__ import annotations
 
-from fairdiff_ray.config import AdaptorConfig, FairDiffConfig
+from fairdiff_ray.config import AdaptorConfig, FairDiffConfig, FeaturesConfig
 from fairdiff_ray.errors import ConfigError, ModelFileError
 
 
@@ -22,18 +22,18 @@ def _check_loss_factors(cfg: FairDiffConfig) -> None:
                 raise ConfigError(f"loss.{key}.{a} is missing: give a factor in [0, 1] for attribute {a!r}")
 
 
-def _check_features(cfg: FairDiffConfig) -> None:
+def _check_features(features: FeaturesConfig, key: str = "features") -> None:
     """The synthetic feature net (the only one whose files are not checked by features.check_hf_dir at load)."""
-    if cfg.features.synthetic is None:
+    if features.synthetic is None:
         return
     from fairdiff_ray.models.sd import read_safetensors_header
     from fairdiff_ray.synthetic.world import net_files
 
-    path = None if cfg.features.synthetic == "default" else cfg.features.synthetic
+    path = None if features.synthetic == "default" else features.synthetic
     hint = "rebuild the synthetic-world nets with `python jobs/train_synthetic_nets.py`"
     for f in net_files(path, "features"):
         if not f.is_file():
-            raise ModelFileError(f"features.synthetic: synthetic-world feature net file {f} is missing; {hint}")
+            raise ModelFileError(f"{key}.synthetic: synthetic-world feature net file {f} is missing; {hint}")
     read_safetensors_header(net_files(path, "features")[0], hint)
 
 
@@ -76,7 +76,7 @@ def check_debias_inputs(cfg: FairDiffConfig) -> None:
 
     check_preserve(cfg.loss.preserve, list(cfg.target_distribution().attributes), list(classes))
     check_detector(cfg.faces)
-    _check_features(cfg)
+    _check_features(cfg.features)
     prompts = check_prompt_sets(cfg)
     check_soft_replace(cfg.adaptor, cfg.model.path, prompts, f"data.prompt_sets (split {cfg.data.split})")
     soft_inserted = cfg.adaptor.kind == "soft_prompt" and cfg.adaptor.soft_position != "replace"
@@ -104,6 +104,7 @@ def check_eval_inputs(cfg: FairDiffConfig, adaptors: dict[str, str], models: boo
         classes = classifier_classes(cfg.eval.classifier, "eval.classifier")
         check_target_classes(cfg.target, classes, f"eval.classifier ({cfg.eval.classifier.kind})")
         check_detector(cfg.faces)
+        _check_features(cfg.eval.features or cfg.features, "eval.features" if cfg.eval.features else "features")
     prompts = check_prompt_sets(cfg, [cfg.eval.split])
     if models:
         from fairdiff_ray.models.adaptors import read_adaptor_meta

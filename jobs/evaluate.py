@@ -27,7 +27,8 @@ def main(argv: list[str]) -> int:
                              overwrite=args.overwrite or cfg.run.overwrite)
     for name, s in summary["models"].items():
         bias = ", ".join(f"{a} {v['mean']:.3f}" for a, v in s["bias"].items() if v["mean"] is not None)
-        print(f"{name:>12}: bias {bias}; face rate {s['face_rate']:.3f}")
+        face = "-" if s["face_rate"] is None else f"{s['face_rate']:.3f}"
+        print(f"{name:>12}: bias {bias}; face rate {face}")
     print(f"evaluation: {out}/summary.json" + ("" if args.no_report else f", report: {out}/report.html"))
     return 0
 

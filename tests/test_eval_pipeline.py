@@ -64,9 +64,11 @@ def test_records_same_noise_and_seeds(tmp_path: Path) -> None:
     corr_same = np.corrcoef(ia[..., 2].ravel(), ib[..., 2].ravel())[0, 1]  # blue: not shifted by the adaptor
     corr_other = np.corrcoef(ia[..., 2].ravel(), other[..., 2].ravel())[0, 1]
     assert corr_same > 0.9 > 0.5 > corr_other
-    # similarity to the base image is 1 for base and < 1 for the adaptor
-    assert rec[rec.model == "base"]["sem_toy_sim"].to_numpy() == pytest.approx(1.0)
+    # similarity to the base image: < 1 for the adaptor; none for base itself (not a measurement)
+    assert rec[rec.model == "base"]["sem_toy_sim"].isna().all()
     assert (rec[rec.model == "debiased"]["sem_toy_sim"] < 0.999).all()
+    assert s["models"]["base"]["semantics"]["toy_sim"] is None
+    assert 0.0 < s["models"]["debiased"]["semantics"]["toy_sim"] < 0.999
     assert s["prompts"] == {"split": "test", "count": 4}
     assert set(s["models"]) == {"base", "debiased"}
     assert set(s["models"]["base"]["semantics"]) == {"fidelity", "toy_sim"}
@@ -110,6 +112,68 @@ def test_eval_dtype_is_its_own_setting(tmp_path: Path) -> None:
     paths = {dt: plan_for(make_cfg(tmp_path, *dt), models, prompts, tmp_path / "out")[0].path
              for dt in [(), ("eval.dtype=bfloat16",)]}
     assert paths[()] != paths[("eval.dtype=bfloat16",)]
+
+
+def test_parts_keyed_by_scorer_files(tmp_path: Path) -> None:
+    """A scorer net retrained in place (same path, new file) makes new parts: its labels are not reused; the
+    shipped synthetic nets count where a synthetic scorer names no path."""
+    from fairdiff_ray.eval.pipeline import _scorer_dirs, eval_spec, plan_for
+    from fairdiff_ray.eval.prompts import EvalPrompt
+    from fairdiff_ray.synthetic.world import DEFAULT_DIR
+
+    nets = tmp_path / "nets"
+    nets.mkdir()
+    (nets / "classifier-eval.safetensors").write_bytes(b"old net")
+    prompts = [EvalPrompt(concept="occupations", prompt="A photo of the face of a nurse, a person")]
+    cfg = make_cfg(tmp_path, f"eval.classifier.path={nets}", "features.synthetic=default")
+    dirs = _scorer_dirs(eval_spec(cfg, {"base": None}))
+    assert dirs["classifier"] == str(nets) and dirs["detector"] == str(DEFAULT_DIR)
+    assert dirs["features.synthetic"] == str(DEFAULT_DIR)
+    before = plan_for(cfg, {"base": None}, prompts, tmp_path / "out")[0].path
+    assert plan_for(cfg, {"base": None}, prompts, tmp_path / "out")[0].path == before  # stable
+    (nets / "classifier-eval.safetensors").write_bytes(b"retrained net")
+    after = plan_for(cfg, {"base": None}, prompts, tmp_path / "out")[0].path
+    assert after != before and after.name == before.name  # same chunk, new fingerprint directory
+
+
+def test_eval_nets_apart_from_training(tmp_path: Path) -> None:
+    """eval.features replaces the training feature nets in the scorer's spec; summary and log say when the
+    evaluation scores with the training's own classifier or feature nets (METHOD.md: different ones)."""
+    from fairdiff_ray.eval.pipeline import eval_spec
+    from fairdiff_ray.eval.run import same_as_training
+
+    cfg = make_cfg(tmp_path)  # eval.classifier defaults to the eval variant; no feature nets
+    assert same_as_training(cfg) == {"classifier_as_training": False, "features_as_training": False}
+    same = make_cfg(tmp_path, "eval.classifier.variant=train", "features.synthetic=default")
+    assert same_as_training(same) == {"classifier_as_training": True, "features_as_training": True}
+    apart = make_cfg(tmp_path, "features.synthetic=default", f"eval.features={{synthetic: {tmp_path / 'nets'}}}")
+    assert same_as_training(apart)["features_as_training"] is False
+    assert eval_spec(apart, {"base": None})["features"]["synthetic"] == str(tmp_path / "nets")
+    assert eval_spec(same, {"base": None})["features"]["synthetic"] == "default"
+    lines: list[str] = []
+    s = run_evaluation(make_cfg(tmp_path, "eval.classifier.variant=train"), {"debiased": adaptor_dir(tmp_path)},
+                       tmp_path / "out", executor="local", report=False, gen_loader=standin_gen_loader,
+                       score_loader=standin_score_loader, log=lines.append)
+    assert s["eval"]["classifier_as_training"] is True and s["eval"]["features_as_training"] is False
+    assert any("eval.classifier is the training classifier" in x for x in lines)
+
+
+def test_same_text_in_two_concepts(tmp_path: Path) -> None:
+    """One prompt text in two concept sets: both evaluated in full (rows keyed by concept too), counted apart,
+    and the report's grids show each concept's own images."""
+    from fairdiff_ray.eval.report import write_report
+
+    a = write_prompts(tmp_path / "a.jsonl", n=2, concept="occupations")
+    b = write_prompts(tmp_path / "b.jsonl", n=2, concept="descriptors")
+    cfg = make_cfg(tmp_path, f"data.prompt_sets=[{{path: {a}}}, {{path: {b}}}]", "eval.prompts_per_part=4")
+    out = tmp_path / "out"
+    s = run(cfg, tmp_path, out)
+    rec = pd.read_parquet(out / "records.parquet")
+    assert len(rec) == 2 * 2 * 3 * 2  # 2 concepts x 2 prompts x 3 images x 2 models
+    assert s["prompts"]["count"] == 4 and s["images_per_prompt"] == 3
+    assert set(s["concepts"]) == {"occupations", "descriptors"}
+    page = write_report(out).read_text()
+    assert "[descriptors] A photo of the face of a" in page and "[occupations] A photo of the face of a" in page
 
 
 SEED_SCRIPT = """

@@ -81,7 +81,8 @@ def test_image_term_reaches_the_background(nets, photos) -> None:
     ref, gen = photos
     fn = _make(nets, _cfg())
     value, m, g, _ = _grad(fn, gen, ref, {"gender": torch.tensor([-1])})
-    assert m["active_img"] == 1.0 and m["loss_img"] > 0 and m["img_weight"] == 1.0
+    # no target where the original has a face: a mismatch (METHOD.md), the gender factor 0.2
+    assert m["active_img"] == 1.0 and m["loss_img"] > 0 and m["img_weight"] == pytest.approx(0.2)
     torch.testing.assert_close(value, torch.tensor(8.0 * m["loss_img"]))  # lambda_img = 8, no CE
     assert g[FAR].abs().sum() > 0
     # lambda_img = 0 switches it off
@@ -125,6 +126,13 @@ def test_face_term_targets_the_reference_or_the_bank(nets, photos) -> None:
     value, m, _, _ = _grad(fn, ref, ref, {"gender": torch.tensor([0])}, detach_logits=True)
     assert m["active_face"] == 1.0 and m["face_ref"] == 1.0 and m["face_bank"] == 0.0
     assert m["loss_face"] == pytest.approx(0.0, abs=1e-5)
+    # no confident target (-1): not held to the original face (METHOD.md), unless unconfident_as_match
+    value, m, _, _ = _grad(fn, ref, ref, {"gender": torch.tensor([-1])}, detach_logits=True)
+    assert m["face_ref"] == 0.0
+    fm = _make(nets, _cfg(lambda_face=1.0, face_confidence=0.5, unconfident_as_match=True), features=False,
+               embedder=True)
+    value, m, _, _ = _grad(fm, ref, ref, {"gender": torch.tensor([-1])}, detach_logits=True)
+    assert m["face_ref"] == 1.0
     # asked to change, no bank: no face target at all
     value, m, g, _ = _grad(fn, gen, ref, {"gender": torch.tensor([1])}, detach_logits=True)
     assert m["face_ref"] == 0.0 and m["face_bank"] == 0.0 and g.abs().sum() == 0
@@ -172,18 +180,20 @@ def test_images_without_a_face_get_no_targets(nets, photos) -> None:
 
 
 def test_lost_face_weight_scales_the_image_term_of_a_lost_face_only(nets, photos) -> None:
-    """An image whose face the detector no longer finds (the original has one) gets lost_face_weight x L_img."""
+    """An image whose face the detector no longer finds (the original has one) gets lost_face_weight x its
+    weight w_i (no target where the original has a face: the gender factor 0.2)."""
     ref, gen = photos
     blank = torch.zeros_like(gen)
     no = {"gender": torch.tensor([-1])}
     _, m1, g1, _ = _grad(_make(nets, _cfg()), blank, ref, no)
     _, m4, g4, _ = _grad(_make(nets, _cfg(lost_face_weight=4.0)), blank, ref, no)
-    assert m1["lost_faces"] == m4["lost_faces"] == 1.0 and m1["img_weight"] == 1.0 and m4["img_weight"] == 4.0
+    assert m1["lost_faces"] == m4["lost_faces"] == 1.0
+    assert m1["img_weight"] == pytest.approx(0.2) and m4["img_weight"] == pytest.approx(0.8)
     assert m4["loss_img"] == pytest.approx(4 * m1["loss_img"], rel=1e-5)
     torch.testing.assert_close(g4, 4 * g1, atol=1e-9, rtol=1e-4)
     # a face still found: the weight does not apply
     _, m_kept, _, _ = _grad(_make(nets, _cfg(lost_face_weight=4.0)), gen, ref, no)
-    assert m_kept["lost_faces"] == 0.0 and m_kept["img_weight"] == 1.0
+    assert m_kept["lost_faces"] == 0.0 and m_kept["img_weight"] == pytest.approx(0.2)
 
 
 def test_build_loss_from_config(nets, tmp_path) -> None:

@@ -79,10 +79,14 @@ def test_cosine_distance():
 
 def test_mismatch_weights():
     factors = {"gender": 0.2, "race": 0.6}
-    targets = {"gender": torch.tensor([0, 1, 0, -1, 1]), "race": torch.tensor([2, 2, 1, 3, -1])}
-    ref = {"gender": torch.tensor([0, 0, 0, 1, -1]), "race": torch.tensor([2, 2, 0, 0, 1])}
-    # match; gender differs; race differs; no gender target + race differs; gender target but no face before
-    assert mismatch_weights(targets, ref, factors).tolist() == pytest.approx([1.0, 0.2, 0.6, 0.6, 0.2])
+    targets = {"gender": torch.tensor([0, 1, 0, -1, 1, -1, -1]), "race": torch.tensor([2, 2, 1, 3, -1, 2, -1])}
+    ref = {"gender": torch.tensor([0, 0, 0, 1, -1, 0, -1]), "race": torch.tensor([2, 2, 0, 0, 1, 2, -1])}
+    # match; gender differs; race differs; no gender target (original: a face) + race differs; gender target but
+    # no face before; no gender target (unconfident) + race matches; no face in either image
+    assert mismatch_weights(targets, ref, factors).tolist() == pytest.approx([1.0, 0.2, 0.6, 0.2, 0.2, 0.2, 1.0])
+    # the previous rule: a -1 target counts as a match
+    assert mismatch_weights(targets, ref, factors, unconfident_as_match=True).tolist() == pytest.approx(
+        [1.0, 0.2, 0.6, 0.6, 0.2, 1.0, 1.0])
     with pytest.raises(ValueError, match="mismatch_weight.race"):
         mismatch_weights(targets, ref, {"gender": 0.2})
 
@@ -117,7 +121,7 @@ def test_box_intersection_and_expand():
     assert (inter[1, 2:] - inter[1, :2]).tolist() == [0.0, 0.0]  # disjoint: empty box
     assert torch.isnan(inter[2]).all()
     grown = expand_boxes(torch.tensor([[2.0, 2.0, 6.0, 4.0], [0.0, 0.0, 2.0, 2.0]]), 0.5, height=8, width=7)
-    assert grown[0].tolist() == [1.0, 1.5, 7.0, 4.5]
+    assert grown[0].tolist() == [1.0, 0.0, 7.0, 6.0]  # a square of side 4 x 1.5 about the centre (4, 3)
     assert grown[1].tolist() == [0.0, 0.0, 2.5, 2.5]  # clipped at the image edge
     with pytest.raises(ValueError):
         expand_boxes(grown, -1.0, 8, 8)

@@ -146,6 +146,18 @@ def test_validation_batches_across_prompts(tmp_path):
         _worker(tmp_path, "deepspeed.enabled=false").validate([])
 
 
+def test_validation_samples_val_steps(tmp_path):
+    """train.val_steps sets a validation's sampling steps (METHOD.md: 25); unset, sampler.steps."""
+    counts = {}
+    for extra in ((), ("train.val_steps=7",)):
+        w = _worker(tmp_path, "deepspeed.enabled=false", *extra)
+        steps = []
+        w.generate = lambda texts, x_T, n, **kw: (steps.append(n), torch.zeros(len(texts), 3, 32, 32))[1]
+        w.validate([PROMPT])
+        counts[extra] = set(steps)
+    assert counts[()] == {w.cfg.sampler.steps} and counts[("train.val_steps=7",)] == {7}
+
+
 def test_a_step_needs_prompts_per_step_prompts(tmp_path):
     w = _worker(tmp_path, "deepspeed.enabled=false", "train.prompts_per_step=2")
     with pytest.raises(ValueError, match="prompts_per_step is 2"):

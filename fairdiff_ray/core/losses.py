@@ -96,15 +96,19 @@ def detail_loss(images: torch.Tensor, ref_energy: torch.Tensor, eps: float = 1e-
 
 
 def mismatch_weights(
-    targets: dict[str, torch.Tensor], ref_labels: dict[str, torch.Tensor], factors: dict[str, float]
+    targets: dict[str, torch.Tensor], ref_labels: dict[str, torch.Tensor], factors: dict[str, float],
+    unconfident_as_match: bool = False,
 ) -> torch.Tensor:
     """(B,) per-image weight w_i of L_img.
 
-    targets: attribute -> (B,) long OT targets (-1: no target, counts as a match);
-    ref_labels: attribute -> (B,) long predicted classes of the original images (-1: no face there; then a
-    target is a mismatch, since the image is asked to become something the original is not);
+    targets: attribute -> (B,) long OT targets (-1: no target: no face, or the expected-OT confidence below C);
+    ref_labels: attribute -> (B,) long predicted classes of the original images (-1: no face there);
     factors: attribute -> weight for a mismatch (config loss.mismatch_weight).
-    w_i = min(1, min over mismatched attributes of factors[a]).
+    w_i = 1 if the target equals the original's class for every attribute, else the min of factors[a] over the
+    attributes where it does not (METHOD.md): a target where the original has no face is a mismatch, and so is
+    no target (-1) where the original has a face - the image sits at the class boundary and is not held to its
+    original (the reference code gives every -1 target the factor). ``unconfident_as_match``: -1 targets count
+    as a match (w = 1; this code's rule before 2026-12-07).
     With ``loss.face_region_scale`` as factors the same rule gives the per-image ``scale`` for
     ``scale_grad_in_boxes`` (the face region is damped only where the attributes are asked to change).
     """
@@ -118,7 +122,9 @@ def mismatch_weights(
             )
         if factors[a] < 0:
             raise ValueError(f"loss.mismatch_weight.{a} must be >= 0, got {factors[a]}")
-        mismatch = (y != -1) & (y != ref_labels[a].to(y.device))
+        mismatch = y != ref_labels[a].to(y.device)
+        if unconfident_as_match:
+            mismatch &= y != -1
         w = torch.where(
             mismatch,
             torch.full(y.shape, float(factors[a]), device=y.device),
@@ -204,16 +210,16 @@ def box_intersection(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def expand_boxes(boxes: torch.Tensor, expand: float, height: int, width: int) -> torch.Tensor:
-    """(B, 4) boxes grown about their centres to (1 + expand) times their width and height, clipped to the image.
-
-    Same meaning of ``expand`` as ``core.crop.crop_square`` (0.5 = half the box size added in total).
-    """
+    """(B, 4) squares about the boxes' centres with side max(w, h) * (1 + expand), clipped to the image: the
+    region ``core.crop.crop_square`` gives the classifier (0.5 = half the box size added in total; METHOD.md and
+    the reference code expand the face box to a square)."""
     if expand < 0:
         raise ValueError(f"expand must be >= 0, got {expand}")
     if boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"boxes must be (B, 4), got {tuple(boxes.shape)}")
     centre = (boxes[:, :2] + boxes[:, 2:]) / 2
-    half = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0) * (1 + expand) / 2
+    side = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).amax(dim=1, keepdim=True)
+    half = (side * (1 + expand) / 2).expand(-1, 2)
     limit = torch.tensor([width, height], dtype=boxes.dtype, device=boxes.device)
     lo = torch.minimum((centre - half).clamp(min=0), limit)
     hi = torch.minimum((centre + half).clamp(min=0), limit)

@@ -405,18 +405,19 @@ class Worker:
         start = self.rank * self.n_local
         lab_local: dict[str, list[torch.Tensor]] = {a: [] for a in self.loss.attributes}
         drift_sum, drift_n = 0.0, 0
+        val_steps = cfg.train.val_steps or cfg.sampler.steps
         with self.engine.gathered(), self.adaptor.ema_applied():
             for rows in self.step_chunks(n_prompts):
                 texts = [prompts[p] for p, _ in rows]
                 seeds = [stable_seed(cfg.run.seed, "val", prompts[p], start + j) for p, j in rows]
                 x_T = noise_from_seeds(seeds, self.comp.latent_shape(), compute_dtype(cfg), self.device)
-                images = self.generate(texts, x_T, cfg.sampler.steps, grad=False)
+                images = self.generate(texts, x_T, val_steps, grad=False)
                 scored = self.loss.score(images)
                 found = scored.faces.found.cpu()
                 for a in self.loss.attributes:
                     lab_local[a].append(torch.where(found, scored.probs[a].argmax(1).cpu(), -1))
                 if self.loss.features:
-                    ref = self.generate(texts, x_T, cfg.sampler.steps, grad=False, base=True)
+                    ref = self.generate(texts, x_T, val_steps, grad=False, base=True)
                     for net in self.loss.features.values():
                         d = 1 - torch.nn.functional.cosine_similarity(net(images).float(), net(ref).float())
                         drift_sum, drift_n = drift_sum + float(d.sum()), drift_n + len(rows)

@@ -144,7 +144,7 @@ def summarize(
     prompts = pp[pp["model"] == models[0]]
     summary: dict[str, Any] = {
         "prompts": {"split": split, "count": int(len(prompts))},
-        "images_per_prompt": int(records.groupby(["model", "prompt"]).size().max()),
+        "images_per_prompt": int(records.groupby(["model", "concept", "prompt"]).size().max()),
         "attributes": {a: list(c) for a, c in attributes.items()},
         "joint_attributes": [joint_name(j) for j in joints],
         "models": {m: _model_summary(pp[pp["model"] == m], attributes, joints) for m in models},

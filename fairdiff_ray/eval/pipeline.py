@@ -63,7 +63,7 @@ def eval_spec(cfg: FairDiffConfig, models: dict[str, str | None]) -> dict[str, A
         "grid_images": ev.grid_images,
         "faces": cfg.faces.model_dump(mode="json"),
         "classifier": ev.classifier.model_dump(mode="json"),
-        "features": cfg.features.model_dump(mode="json"),
+        "features": (ev.features or cfg.features).model_dump(mode="json"),
         "fidelity": cfg.faces.detector == "synthetic",  # the synthetic world ships a prompt-fidelity net
     }
 
@@ -80,10 +80,31 @@ class Part:
                 for p in self.prompts for j in range(m)]
 
 
+def _scorer_dirs(spec: dict[str, Any]) -> dict[str, str]:
+    """The weight files or directories of every scorer ``spec`` names (face detector, classifier and its backbone,
+    feature nets, the synthetic world's prompt-fidelity net): the shipped synthetic nets where a synthetic scorer
+    names no path of its own."""
+    from fairdiff_ray.synthetic.world import DEFAULT_DIR
+
+    faces, clf, feats = spec["faces"], spec["classifier"], spec["features"]
+    dirs = {"detector": faces["path"] or (str(DEFAULT_DIR) if faces["detector"] == "synthetic" else None),
+            "insightface": faces.get("insightface_pack"),
+            "classifier": clf["path"] or (str(DEFAULT_DIR) if clf["kind"] == "synthetic" else None),
+            "backbone": clf.get("backbone"),
+            "fidelity": str(DEFAULT_DIR) if spec["fidelity"] else None}
+    for k, v in feats.items():
+        dirs[f"features.{k}"] = str(DEFAULT_DIR) if (k == "synthetic" and v == "default") else v
+    return {k: v for k, v in dirs.items() if v}
+
+
 def plan_parts(spec: dict[str, Any], prompts: list[EvalPrompt], m: int, per_part: int, root: Path) -> list[Part]:
-    """Model-major list of parts under ``root/parts/<model>/<fingerprint>/``."""
+    """Model-major list of parts under ``root/parts/<model>/<fingerprint>/``. The fingerprint holds the files
+    (name, size, mtime) of the model, the adaptor and every scorer: a net retrained in place (``jobs/
+    train_synthetic_nets.py --only``, new classifier heads in the same directory) makes new parts instead of
+    reusing the old net's labels."""
     shared = {k: v for k, v in spec.items() if k != "models"}
     shared["model_files"] = _dir_identity(spec["model_path"])
+    shared["scorer_files"] = {k: _dir_identity(v) for k, v in _scorer_dirs(spec).items()}
     parts = []
     for name, adaptor in spec["models"].items():
         fp = _digest({**shared, "adaptor": adaptor, "adaptor_files": _dir_identity(adaptor)})
@@ -118,14 +139,14 @@ def _batch_rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
 class _Collector:
     """Buffers scored rows per part; writes a part the moment it is complete and reports progress.
 
-    Rows are keyed by (prompt, j) within their part, so a batch delivered twice (a task retried after its
+    Rows are keyed by (concept, prompt, j) within their part, so a batch delivered twice (a task retried after its
     actor died mid-stream) cannot duplicate or overflow a part; rows of an already written part are dropped.
     """
 
     def __init__(self, pending: list[Part], m: int, log: Callable[[str], None]):
         self.expected = {str(p.path): len(p.prompts) * m for p in pending}
         self.names = {str(p.path): f"{p.model}/{p.path.name}" for p in pending}
-        self.buf: dict[str, dict[tuple[str, int], dict[str, Any]]] = {k: {} for k in self.expected}
+        self.buf: dict[str, dict[tuple[str, str, int], dict[str, Any]]] = {k: {} for k in self.expected}
         self.done, self.images, self.t0, self.log = 0, 0, time.perf_counter(), log
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
@@ -133,7 +154,7 @@ class _Collector:
             key = row["part"]
             if key not in self.buf:
                 continue  # a repeat of a part already written
-            ident = (row["prompt"], int(row["j"]))
+            ident = (row["concept"], row["prompt"], int(row["j"]))  # one text may be a prompt of two concepts
             if ident in self.buf[key]:
                 continue
             self.buf[key][ident] = row
@@ -239,7 +260,8 @@ def generate_and_score(
 
 def merge_parts(paths: list[Path]) -> tuple[pd.DataFrame, dict[str, list[str]]]:
     """All parts -> one per-image table with ``sem_<metric>`` similarities to the base image of the same
-    (prompt, j); returns it and the eval classifier's attributes. ``emb_*`` columns are dropped."""
+    (prompt, j), NaN on the base model's own rows (the reference compared with itself is no measurement);
+    returns it and the eval classifier's attributes. ``emb_*`` columns are dropped."""
     df = pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
     attributes = json.loads(df["attributes"].iloc[0])
     df = df.drop(columns=["attributes"])
@@ -251,7 +273,7 @@ def merge_parts(paths: list[Path]) -> tuple[pd.DataFrame, dict[str, list[str]]]:
                              index=pd.MultiIndex.from_frame(df.loc[df["model"] == BASE, key]))
         ref = base_idx.reindex(pd.MultiIndex.from_frame(df[key])).to_numpy()
         sim = np.full(len(df), np.nan)
-        ok = ~np.isnan(ref)
+        ok = ~np.isnan(ref) & (df["model"].to_numpy() != BASE)
         sim[ok] = np.einsum("nd,nd->n", emb[ok], emb[ref[ok].astype(int)])
         df[sem_col(similarity_metric(col.removeprefix("emb_")))] = sim
         df = df.drop(columns=[col])

@@ -168,11 +168,33 @@ def _meta_line(summary: dict[str, Any]) -> str:
              f"<b>{summary.get('images_per_prompt', '?')}</b> images per prompt and model"]
     if ev:
         parts.append(f"{ev.get('steps')} steps, guidance {ev.get('guidance_scale')}, {ev.get('scheduler')}")
+    if ev.get("classifier_as_training"):
+        parts.append("<b>attributes by the training classifier</b>")
+    if ev.get("features_as_training"):
+        parts.append("<b>similarities by the training feature nets</b>")
     return " · ".join(parts)
+
+
+def distinct_prompts(records: pd.DataFrame, pp: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(records, pp) where a prompt text shared by several concepts reads "[concept] text", so the report's
+    per-prompt look-ups (grids, bars) never mix two concepts' images; unchanged when no text is shared."""
+    n_concepts = pp.groupby("prompt")["concept"].nunique()
+    shared = set(n_concepts[n_concepts > 1].index)
+    if not shared:
+        return records, pp
+
+    def relabel(df: pd.DataFrame) -> pd.DataFrame:
+        df = df.copy()
+        sel = df["prompt"].isin(shared)
+        df.loc[sel, "prompt"] = "[" + df.loc[sel, "concept"].astype(str) + "] " + df.loc[sel, "prompt"]
+        return df
+
+    return relabel(records), relabel(pp)
 
 
 def render(records: pd.DataFrame, pp: pd.DataFrame, summary: dict[str, Any]) -> tuple[str, str, dict[str, bytes]]:
     """(html, markdown, figures by file name) for one evaluation."""
+    records, pp = distinct_prompts(records, pp)
     models = list(summary["models"])
     attrs: dict[str, list[str]] = summary["attributes"]
     primary = primary_attribute(summary)
@@ -238,7 +260,7 @@ def write_report(eval_dir: str | Path, out_dir: str | Path | None = None) -> Pat
     summary = json.loads((eval_dir / "summary.json").read_text(encoding="utf-8"))
     pp = pd.read_parquet(eval_dir / "per_prompt.parquet")
     records = pd.read_parquet(eval_dir / "records.parquet",
-                              columns=["model", "prompt", "j", "face_found", "thumb",
+                              columns=["model", "concept", "prompt", "j", "face_found", "thumb",
                                        *[label_col(a) for a in summary["attributes"]]])
     page, md, figs = render(records, pp, summary)
     for name, png in figs.items():

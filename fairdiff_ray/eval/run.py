@@ -49,6 +49,15 @@ def _write_parquet(df: pd.DataFrame, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def same_as_training(cfg: FairDiffConfig) -> dict[str, bool]:
+    """Whether the evaluation scores with the training's own attribute classifier / feature nets (METHOD.md asks
+    for different ones: numbers measured with the nets the adaptor was trained against flatter it)."""
+    feats = cfg.eval.features or cfg.features
+    return {"classifier_as_training": cfg.eval.classifier == cfg.classifier,
+            "features_as_training": any(v is not None for v in feats.model_dump().values())
+            and feats == cfg.features}
+
+
 def run_evaluation(
     cfg: FairDiffConfig,
     adaptors: dict[str, str],
@@ -78,6 +87,12 @@ def run_evaluation(
 
     # every input checked before anything is generated or written (stand-in loaders skip their part)
     check_eval_inputs(cfg, adaptors, models=gen_loader is None, scorer=score_loader is None)
+    same = same_as_training(cfg)
+    if same["classifier_as_training"]:
+        log("[evaluate] note: eval.classifier is the training classifier (METHOD.md evaluates with another one)")
+    if same["features_as_training"]:
+        log("[evaluate] note: the semantic similarities use the training feature nets (set eval.features for "
+            "others, as METHOD.md does)")
     models: dict[str, str | None] = {BASE: None, **adaptors}
     prompts = load_eval_prompts(cfg)
     plan = [str(p.path.relative_to(out)) for p in plan_for(cfg, models, prompts, out)]
@@ -89,7 +104,7 @@ def run_evaluation(
     records, attributes = merge_parts(paths)
     extra = {"eval": {"steps": cfg.eval.steps, "guidance_scale": cfg.eval.guidance_scale,
                       "scheduler": cfg.eval.scheduler, "model_path": cfg.model.path,
-                      "adaptors": dict(adaptors), "seconds": round(seconds, 2)}}
+                      "adaptors": dict(adaptors), "seconds": round(seconds, 2), **same_as_training(cfg)}}
     summary, pp = summarize(records, attributes, _target(cfg, attributes), cfg.eval.split, extra)
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob(".results.*.tmp"):  # left by a process killed while staging

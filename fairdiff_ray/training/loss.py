@@ -292,10 +292,11 @@ class FairnessLoss:
         return total, metrics
 
     def _image_term(self, images, scored, ref, tg, ref_labels, normalizer) -> tuple[Tensor, dict[str, float]]:
-        w = mismatch_weights(tg, ref_labels, self.cfg.loss.mismatch_weight)
+        as_match = self.cfg.loss.unconfident_as_match
+        w = mismatch_weights(tg, ref_labels, self.cfg.loss.mismatch_weight, as_match)
         lost = ref["faces"].found.to(images.device) & ~scored.faces.found.to(images.device)
         w = torch.where(lost, w * self.cfg.loss.lost_face_weight, w)
-        s = mismatch_weights(tg, ref_labels, self.cfg.loss.face_region_scale)
+        s = mismatch_weights(tg, ref_labels, self.cfg.loss.face_region_scale, as_match)
         h, wd = images.shape[-2:]
         x = scale_grad_in_boxes(images, self.face_regions(scored.faces, ref["faces"], h, wd), s)
         dist = None
@@ -316,7 +317,9 @@ class FairnessLoss:
         gen_found = scored.faces.found.to(dev)
         unchanged = torch.ones_like(gen_found)
         for a in self.attributes:
-            unchanged &= (tg[a] == -1) | (tg[a] == ref_labels[a])
+            # METHOD.md: the original's face only where the target equals its class (no target: the bank)
+            same = tg[a] == ref_labels[a]
+            unchanged &= (same | (tg[a] == -1)) if self.cfg.loss.unconfident_as_match else same
         ref_ok = ref["faces"].found.to(dev) & (ref["confidence"].to(dev) >= self.cfg.loss.face_confidence)
         use_ref = gen_found & unchanged & ref_ok & (ref["face_emb"] is not None)
         target = ref["face_emb"].to(dev) if ref["face_emb"] is not None else torch.zeros_like(emb)
