@@ -152,7 +152,7 @@ def test_validation_samples_val_steps(tmp_path):
     for extra in ((), ("train.val_steps=7",)):
         w = _worker(tmp_path, "deepspeed.enabled=false", *extra)
         steps = []
-        w.generate = lambda texts, x_T, n, **kw: (steps.append(n), torch.zeros(len(texts), 3, 32, 32))[1]
+        w.generate = lambda texts, x_T, n, steps=steps, **kw: (steps.append(n), torch.zeros(len(texts), 3, 32, 32))[1]
         w.validate([PROMPT])
         counts[extra] = set(steps)
     assert counts[()] == {w.cfg.sampler.steps} and counts[("train.val_steps=7",)] == {7}
