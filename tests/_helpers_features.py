@@ -18,6 +18,27 @@ def tiny_clip_dir(root: Path, seed: int = 0) -> Path:
     return path
 
 
+def tiny_full_clip_dir(root: Path, seed: int = 0) -> Path:
+    """A full CLIP (text and vision towers, CLIPModel layout) with the synthetic world's CLIP tokenizer."""
+    import shutil
+
+    from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+
+    tok_dir = Path(__file__).resolve().parents[1] / "assets" / "synthetic-sd" / "tokenizer"
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    torch.manual_seed(seed)
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    path = root / "tiny-clip-full"
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(path)
+    for f in tok_dir.iterdir():
+        shutil.copy(f, path / f.name)
+    return path
+
+
 def tiny_dino_dir(root: Path, seed: int = 0) -> Path:
     from transformers import Dinov2Config, Dinov2Model
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers_features import tiny_clip_dir, tiny_dino_dir, tiny_embedder_dir
+from _helpers_features import tiny_clip_dir, tiny_dino_dir, tiny_embedder_dir, tiny_full_clip_dir
 
 from fairdiff_ray.config import FeaturesConfig
 from fairdiff_ray.errors import ModelFileError
@@ -156,3 +156,41 @@ def test_build_face_bank_cli_embeds_every_detected_face(dirs, tmp_path) -> None:
     assert cli_main(["build-face-bank", "--faces", str(tmp_path / "empty"), "--embedder", str(dirs["embedder"]),
                      "--out", str(tmp_path / "b2.safetensors")]) == 2
     assert not (tmp_path / "b2.safetensors").exists()
+
+
+def test_clip_t_text_side_and_scored_cosine(tmp_path: Path) -> None:
+    """CLIP-T: the text tower of a full CLIP directory embeds prompts as the stock CLIPModel does; the
+    evaluation's scorer writes sem_clip_t = cos(image, prompt); a vision-only export has no text side."""
+    import numpy as np
+    import torch.nn.functional as F
+    from transformers import AutoTokenizer, CLIPModel
+
+    from fairdiff_ray.eval.stages import ScoreImages
+    from fairdiff_ray.models.features import build_features, load_clip_text
+    from tests._helpers_eval import standin_score_loader
+
+    d = tiny_full_clip_dir(tmp_path)
+    text = load_clip_text(d)
+    prompts = ["A photo of the face of a nurse, a person", "A photo of the face of a pilot, a person",
+               "A photo of the face of a nurse, a person"]
+    got = text(prompts)
+    model, tok = CLIPModel.from_pretrained(str(d)).eval(), AutoTokenizer.from_pretrained(str(d))
+    with torch.no_grad():
+        pooled = model.text_model(**tok(prompts, padding=True, return_tensors="pt")).pooler_output
+        ref = F.normalize(model.text_projection(pooled), dim=-1)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    assert torch.equal(got[0], got[2]) and not torch.allclose(got[0], got[1])
+    assert load_clip_text(tiny_clip_dir(tmp_path)) is None  # vision only
+
+    clip = build_features(FeaturesConfig(clip=str(d)))["clip"]
+
+    def loader(spec):
+        return {**standin_score_loader(spec), "features": {"clip": clip}, "clip_text": text}
+
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8), "prompt": np.array(prompts, dtype=object),
+             "j": np.array([0, 1, 2])}
+    out = ScoreImages({"grid_images": 0}, loader)(batch)
+    with torch.no_grad():
+        img = clip(torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    np.testing.assert_allclose(out["sem_clip_t"], (img * got).sum(-1).numpy(), atol=1e-5)

@@ -107,14 +107,16 @@ def load_scorers(spec: dict[str, Any]) -> dict[str, Any]:
     from fairdiff_ray.config import ClassifierConfig, FacesConfig, FeaturesConfig
     from fairdiff_ray.models.classifiers import build_classifier, classify_images
     from fairdiff_ray.models.faces import build_detector
-    from fairdiff_ray.models.features import build_features
+    from fairdiff_ray.models.features import build_features, load_clip_text
 
+    clip = spec["features"].get("clip")
     out: dict[str, Any] = {
         "detector": build_detector(FacesConfig(**spec["faces"])),
         "classifier": build_classifier(ClassifierConfig(**spec["classifier"])),
         "classify": classify_images,
         "features": build_features(FeaturesConfig(**spec["features"])),
         "fidelity": None,
+        "clip_text": load_clip_text(clip) if clip else None,  # CLIP-T where the CLIP directory has a text side
     }
     if spec.get("fidelity"):
         from fairdiff_ray.synthetic.world import content_class, load_fidelity
@@ -136,7 +138,7 @@ class ScoreImages:
         self.detector, self.classifier, self.classify = s["detector"], s["classifier"], s["classify"]
         feats = s["features"]
         self.features = list(feats.values()) if isinstance(feats, dict) else list(feats or [])
-        self.fidelity = s["fidelity"]
+        self.fidelity, self.clip_text = s["fidelity"], s.get("clip_text")
         self.attributes = {a: list(c) for a, c in self.classifier.attributes.items()}
         self.attributes_json = json.dumps(self.attributes)
 
@@ -155,7 +157,11 @@ class ScoreImages:
             out[prob_col(a)] = probs
             out[label_col(a)] = np.where(found, probs.argmax(axis=1), -1).astype(np.int64)
         for net in self.features:
-            out[emb_col(net.name)] = net(images).float().cpu().numpy().astype(np.float32)
+            emb = net(images).float().cpu()
+            out[emb_col(net.name)] = emb.numpy().astype(np.float32)
+            if net.name == "clip" and self.clip_text is not None:  # CLIP-T: image-prompt cosine (normalised)
+                text = self.clip_text([str(p) for p in batch["prompt"]]).cpu()
+                out[sem_col("clip_t")] = (emb * text).sum(dim=-1).numpy().astype(np.float32)
         if self.fidelity is not None:
             net, content_class = self.fidelity
             probs = torch.softmax(net(images).float(), dim=-1).cpu().numpy()

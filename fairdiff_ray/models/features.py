@@ -156,11 +156,73 @@ class DinoImageFeatures(nn.Module):
         return F.normalize(out.pooler_output.float(), dim=-1)
 
 
+def _tower_config(p: Path, tower: str) -> Any:
+    """The text or vision tower's config of a full CLIP directory (CLIPModel layout), with the projection size of
+    the shared embedding space (kept at the top level, where a tower's own default would be 512); None for a
+    directory that holds one tower only."""
+    from transformers import CLIPTextConfig, CLIPVisionConfig
+
+    conf = json.loads((p / "config.json").read_text())
+    if conf.get("model_type") != "clip":
+        return None
+    cls = CLIPTextConfig if tower == "text" else CLIPVisionConfig
+    sub = cls(**conf.get(f"{tower}_config", {}))
+    sub.projection_dim = int(conf.get("projection_dim", sub.projection_dim))
+    return sub
+
+
+def _load_tower(cls: Any, p: Path, key: str, config: Any) -> nn.Module:
+    try:
+        return cls.from_pretrained(str(p), local_files_only=True, **({"config": config} if config else {}))
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFileError(f"{key}: {p} could not be loaded ({first}); fetch it with {CLIP_HINT.format(path=p)}"
+                             ) from exc
+
+
 def load_clip(path: str | Path | None, key: str = "features.clip") -> ClipImageFeatures:
+    """The image tower of a CLIP directory: a vision-only export or a full CLIPModel."""
     from transformers import CLIPVisionModelWithProjection
 
     p = check_hf_dir(path, key, CLIP_HINT)
-    return ClipImageFeatures(_from_pretrained(CLIPVisionModelWithProjection, p, key, CLIP_HINT))
+    return ClipImageFeatures(_load_tower(CLIPVisionModelWithProjection, p, key, _tower_config(p, "vision")))
+
+
+class ClipTextFeatures(nn.Module):
+    """CLIP text embedding (the projection) of prompts, L2-normalised: the text side of CLIP-T (METHOD.md: the
+    image-prompt cosine). prompts: list of B strings -> (B, D); each distinct prompt is embedded once."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any) -> None:
+        super().__init__()
+        self.model, self.tokenizer = _freeze(model), tokenizer
+        self.max_length = min(int(getattr(tokenizer, "model_max_length", 77)),
+                              int(model.config.max_position_embeddings))
+        self._cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> torch.Tensor:
+        new = sorted({p for p in prompts if p not in self._cache})
+        if new:
+            tok = self.tokenizer(new, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+            out = self.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask).text_embeds
+            self._cache.update(zip(new, F.normalize(out.float(), dim=-1)))
+        return torch.stack([self._cache[p] for p in prompts])
+
+
+def load_clip_text(path: str | Path | None, key: str = "features.clip") -> ClipTextFeatures | None:
+    """The text tower and tokenizer of a full CLIP directory (transformers' CLIPModel layout with its tokenizer
+    files); None for a vision-only export (CLIPVisionModelWithProjection), which has no text side."""
+    p = check_hf_dir(path, key, CLIP_HINT)
+    text_conf = _tower_config(p, "text")
+    if text_conf is None:
+        return None
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    return ClipTextFeatures(_load_tower(CLIPTextModelWithProjection, p, key, text_conf), tokenizer)
 
 
 def load_dino(path: str | Path | None, key: str = "features.dino") -> DinoImageFeatures:
