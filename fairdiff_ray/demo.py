@@ -50,7 +50,7 @@ def before_after_table(summary: dict[str, Any]) -> str:
 
 def run_demo(cfg: FairDiffConfig, log: Any = None) -> dict[str, Any]:
     """Train (or reuse) the adaptor, evaluate base and debiased, write the report; returns summary.json's dict."""
-    from fairdiff_ray.dist.trainer import run_debias
+    from fairdiff_ray.dist.trainer import finished_adaptor, run_debias
     from fairdiff_ray.eval.run import run_evaluation
     from fairdiff_ray.preflight import check_debias_inputs
 
@@ -59,8 +59,14 @@ def run_demo(cfg: FairDiffConfig, log: Any = None) -> dict[str, Any]:
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     run_dir = Path(cfg.run.storage) / cfg.run.name
     t0 = time.perf_counter()
-    log(f"[demo] 1/2 debiasing {cfg.model.path} ({cfg.adaptor.kind}, {cfg.train.steps} steps) -> {run_dir}")
-    adaptor = run_debias(cfg)
+    reuse = None if cfg.run.overwrite else finished_adaptor(cfg)  # UserError: finished with other settings
+    if reuse is not None:
+        log(f"[demo] 1/2 run {cfg.run.name!r} already finished with these settings: reusing {reuse} "
+            "(run.overwrite=true trains it again)")
+        adaptor = reuse
+    else:
+        log(f"[demo] 1/2 debiasing {cfg.model.path} ({cfg.adaptor.kind}, {cfg.train.steps} steps) -> {run_dir}")
+        adaptor = run_debias(cfg)
     t1 = time.perf_counter()
     log(f"[demo] 2/2 evaluating base vs debiased on the {cfg.eval.split} prompts -> {run_dir / 'eval'}")
     summary = run_evaluation(cfg, {DEBIASED: str(adaptor)}, run_dir / "eval", executor="ray", report=True, log=log)
@@ -72,7 +78,8 @@ def run_demo(cfg: FairDiffConfig, log: Any = None) -> dict[str, Any]:
         atomic_write_text(link, '<meta http-equiv="refresh" content="0; url=eval/report.html">'
                                 '<a href="eval/report.html">report</a>\n')
     timing = {"train_s": round(t1 - t0, 1), "eval_s": round(t2 - t1, 1), "total_s": round(t2 - t0, 1)}
-    atomic_write_text(run_dir / "demo.json", json.dumps({"timing": timing, "adaptor": str(adaptor)}, indent=2) + "\n")
+    atomic_write_text(run_dir / "demo.json", json.dumps({"timing": timing, "adaptor": str(adaptor),
+                                                            "reused_adaptor": reuse is not None}, indent=2) + "\n")
     print(before_after_table(summary))
     print(f"\nadaptor: {adaptor}\nsummary: {run_dir / 'eval' / 'summary.json'}\nreport:  {report}\n"
           f"time: train {timing['train_s']} s, eval {timing['eval_s']} s")

@@ -60,3 +60,16 @@ def test_short_demo_writes_adaptor_summary_and_report(tmp_path, ray_cluster, cap
 
     html = (run / "eval" / "report.html").read_text()
     assert "<table" in html and ("<img" in html) and (run / "report.html").is_file()
+
+    # `make demo` again: the finished run is reused (no training), the evaluation rebuilt from its parts
+    adaptor = (run / "adaptor" / "pytorch_lora_weights.safetensors").read_bytes()
+    assert _demo_main()([*SHORT, f"run.storage={tmp_path}"]) == 0
+    again = json.loads((run / "demo.json").read_text())
+    assert again["reused_adaptor"] is True
+    assert (run / "adaptor" / "pytorch_lora_weights.safetensors").read_bytes() == adaptor
+    assert json.loads((run / "eval" / "summary.json").read_text())["models"] == summary["models"]
+    # with other training settings it is refused, before anything runs
+    from fairdiff_ray.errors import UserError
+
+    with pytest.raises(UserError, match=r"finished with other settings \(train.lr\)"):
+        _demo_main()([*SHORT, f"run.storage={tmp_path}", "train.lr=0.5"])

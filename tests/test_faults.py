@@ -61,6 +61,33 @@ def _fake_checkpoint(d: Path, step: int, world: int = 2) -> Path:
     return d
 
 
+def test_resume_and_reuse_refuse_other_settings(tmp_path):
+    """A run resumes, and the demo reuses a finished run, only with the settings it was trained with (run, ray,
+    eval and the run's length aside): otherwise a one-line error names the changed keys, before Ray starts."""
+    from fairdiff_ray.dist.trainer import _resume_note, finished_adaptor
+
+    def cfg(*extra):
+        return load_config(None, [f"run.storage={tmp_path}", "run.name=r", "train.steps=4", *extra])
+
+    run = tmp_path / "r"
+    ck = _fake_checkpoint(run / checkpoint_name(2), 2)
+    (ck / "config.yaml").write_text(cfg().to_yaml())
+    (run / "checkpoint_manager_snapshot.json").write_text(
+        json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_00000002"}}))
+    assert "resuming run 'r' from checkpoint_00000002" in _resume_note(cfg())
+    assert "resuming" in _resume_note(cfg("train.steps=8", "ray.num_workers=2", "eval.steps=5", "train.log_every=2"))
+    with pytest.raises(UserError, match=r"run 'r' was started with other settings \(adaptor.rank, train.lr\): pass "
+                                        r"run.overwrite=true"):
+        _resume_note(cfg("train.lr=0.5", "adaptor.rank=4"))
+    with pytest.raises(UserError, match="checkpoint at step 2, train.steps is 2: give more steps"):
+        _resume_note(cfg("train.steps=2"))
+    assert finished_adaptor(cfg()) is None  # not finished
+    (run / "finished.json").write_text(json.dumps({"adaptor": str(run / "adaptor"), "checkpoint": str(ck)}))
+    assert finished_adaptor(cfg("eval.images_per_prompt=8")) == run / "adaptor"
+    with pytest.raises(UserError, match=r"run 'r' finished with other settings \(target.gender.probs\)"):
+        finished_adaptor(cfg("target={gender: {classes: [female, male], probs: [0.3, 0.7]}}"))
+
+
 def test_manifests_find_missing_truncated_and_altered_files(tmp_path):
     assert checkpoint_name(3) == "checkpoint_00000003" and checkpoint_name(3, 2) == "checkpoint_00000003-2"
     assert parse_name("checkpoint_00000003-2") == (3, 2) and parse_name("checkpoint_manager_snapshot.json") is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from _helpers_features import tiny_clip_dir, tiny_dino_dir, tiny_embedder_dir, tiny_full_clip_dir

@@ -141,6 +141,56 @@ def export_result(cfg: FairDiffConfig, result: Any) -> Path:
     return out
 
 
+# settings a resumed (or reused) run may change: where and how it runs and reports, what evaluates it, its length
+FREE_KEYS = ("run.", "ray.", "eval.", "train.steps", "train.log_every", "train.checkpoint_every", "train.num_to_keep")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def config_changes(cfg: FairDiffConfig, saved_yaml: Path) -> list[str]:
+    """The keys (dotted) whose values differ between ``cfg`` and a run's saved config.yaml, apart from FREE_KEYS;
+    [] when the file is missing (a run from before configs were saved)."""
+    import yaml
+
+    if not saved_yaml.is_file():
+        return []
+    raw = yaml.safe_load(saved_yaml.read_text()) or {}
+    try:
+        then = _flat(FairDiffConfig.model_validate(raw).model_dump(mode="json"))
+    except ValueError:  # a key this version no longer has: compare what is there
+        then = _flat(raw)
+    now = _flat(cfg.model_dump(mode="json"))
+    return sorted(k for k in set(now) | set(then) if not k.startswith(FREE_KEYS) and now.get(k) != then.get(k))
+
+
+def _changed_error(cfg: FairDiffConfig, changed: list[str], what: str) -> UserError:
+    keys = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+    return UserError(f"run {cfg.run.name!r} {what} with other settings ({keys}): pass run.overwrite=true to train "
+                     "it afresh, or choose another run.name")
+
+
+def finished_adaptor(cfg: FairDiffConfig) -> Path | None:
+    """The adaptor of a finished local run of ``cfg.run.name`` trained with these settings (None when the run has
+    not finished); UserError when it finished with other settings."""
+    d = run_dir(cfg)
+    if _is_uri(cfg.run.storage) or not (d / FINISHED).is_file():
+        return None
+    from fairdiff_ray.dist.worker import CKPT_CONFIG
+
+    info = json.loads((d / FINISHED).read_text())
+    changed = config_changes(cfg, Path(info.get("checkpoint", "")) / CKPT_CONFIG)
+    if changed:
+        raise _changed_error(cfg, changed, "finished")
+    return Path(info["adaptor"])
+
+
 def check_run_dir(cfg: FairDiffConfig) -> str:
     """'new', 'resume' or (run.overwrite) 'overwrite'; UserError for a finished run without run.overwrite."""
     d = run_dir(cfg)
@@ -168,6 +218,17 @@ def _resume_note(cfg: FairDiffConfig) -> str:
     if damaged and name is None:
         raise UserError(f"run {cfg.run.name!r} in {d} has no intact checkpoint ("
                         f"{'; '.join(f'{n}: {r}' for n, r in damaged)}): pass run.overwrite=true to start it afresh")
+    if name is not None:
+        from fairdiff_ray.dist.ckpt import parse_name
+        from fairdiff_ray.dist.worker import CKPT_CONFIG
+
+        changed = config_changes(cfg, d / name / CKPT_CONFIG)
+        if changed:
+            raise _changed_error(cfg, changed, "was started")
+        done = parse_name(name)
+        if done is not None and done[0] >= cfg.train.steps:
+            raise UserError(f"run {cfg.run.name!r} has a checkpoint at step {done[0]}, train.steps is "
+                            f"{cfg.train.steps}: give more steps to go on, or pass run.overwrite=true")
     note = f"[fairdiff] resuming run {cfg.run.name!r} from {name or 'step 0 (no checkpoint was registered)'} in {d}"
     if damaged:
         note = (f"[fairdiff] WARNING: checkpoint {', '.join(n for n, _ in damaged)} of run {cfg.run.name!r} is damaged "
