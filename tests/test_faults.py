@@ -82,6 +82,13 @@ def test_resume_and_reuse_refuse_other_settings(tmp_path):
     with pytest.raises(UserError, match="checkpoint at step 2, train.steps is 2: give more steps"):
         _resume_note(cfg("train.steps=2"))
     assert finished_adaptor(cfg()) is None  # not finished
+    # run.overwrite starts an unfinished run afresh too (the errors above tell users to pass it)
+    from fairdiff_ray.dist.trainer import _set_aside_run, check_run_dir
+
+    assert check_run_dir(cfg()) == "resume" and check_run_dir(cfg("run.overwrite=true")) == "overwrite"
+    aside = _set_aside_run(cfg("run.overwrite=true"))
+    assert not run.exists() and (aside / checkpoint_name(2) / "config.yaml").is_file()
+    aside.replace(run)
     (run / "finished.json").write_text(json.dumps({"adaptor": str(run / "adaptor"), "checkpoint": str(ck)}))
     assert finished_adaptor(cfg("eval.images_per_prompt=8")) == run / "adaptor"
     with pytest.raises(UserError, match=r"run 'r' finished with other settings \(target.gender.probs\)"):
@@ -323,7 +330,7 @@ def test_failed_overwrite_run_leaves_the_finished_run_intact(clean, monkeypatch,
     monkeypatch.setattr(trainer, "build_trainer", lambda c, **kw: _InterruptedTrainer(c))
     with pytest.raises(KeyboardInterrupt):
         run_debias(again)
-    assert "the previous finished run is back" in capsys.readouterr().out
+    assert "the previous run is back" in capsys.readouterr().out
     assert sorted(p for p in run_dir(cfg).rglob("*") if p.is_file()) == files
     assert all(p.read_bytes() == b for p, b in before.items())
     failed = run_dir(cfg).parent / ".again.failed"

@@ -192,6 +192,40 @@ def test_spec_overrides() -> None:
     assert spec.steps == 10 and spec.unet_channels == (16, 32) and spec.lr == 0.01 and spec.cross_attn_levels == (True, True)
     with pytest.raises(KeyError, match="stepz"):
         spec_from_overrides({"stepz": "1"})
+    for bad, match in [({"steps": "-5"}, "steps=-5 must be >= 1"), ({"lr": "0"}, "lr=0.0 must be > 0"),
+                       ({"caption_mix": "1.5"}, r"caption_mix=1.5 must be in \[0, 1\]"),
+                       ({"unet_channels": "8,16,32"}, "one entry per level")]:
+        with pytest.raises(ValueError, match=match):
+            spec_from_overrides(bad)
+
+
+def test_pretraining_job_refuses_before_any_work(tmp_path) -> None:
+    """Out-of-range keys, an existing --out without --overwrite (the shipped model is the default --out) and a
+    run name started with other settings: one line, exit 2, nothing written."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    from fairdiff_ray.errors import UserError
+    from fairdiff_ray.synthetic.pretrain import SPEC_FILE, PretrainSpec, check_run_spec
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    job = [sys.executable, str(ROOT / "jobs" / "pretrain_synthetic.py"), "--storage", str(tmp_path / "store")]
+    for args, said in [(["--out", str(tmp_path / "new"), "steps=-5"], "steps=-5 must be >= 1"),
+                       (["--out", str(out)], "exists: pass --overwrite")]:
+        r = subprocess.run([*job, *args], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and said in r.stderr, r.stderr
+    assert not (tmp_path / "new").exists() and not (tmp_path / "store").exists()
+    assert [f.name for f in out.iterdir()] == ["keep.txt"]
+    run = tmp_path / "store" / "smoke"
+    run.mkdir(parents=True)
+    spec = PretrainSpec()
+    (run / SPEC_FILE).write_text(json.dumps(dataclasses.asdict(spec)))
+    check_run_spec(spec, str(tmp_path / "store"), "smoke")  # the same settings resume
+    with pytest.raises(UserError, match=r"run 'smoke' .* other settings \(caption_mix, steps\)"):
+        check_run_spec(dataclasses.replace(spec, steps=10, caption_mix=0.3), str(tmp_path / "store"), "smoke")
 
 
 # ------------------------------------------------------------------------------------------ the shipped model

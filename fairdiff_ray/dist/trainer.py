@@ -192,14 +192,19 @@ def finished_adaptor(cfg: FairDiffConfig) -> Path | None:
 
 
 def check_run_dir(cfg: FairDiffConfig) -> str:
-    """'new', 'resume' or (run.overwrite) 'overwrite'; UserError for a finished run without run.overwrite."""
+    """'new', 'resume' or (run.overwrite, any existing run directory, finished or not) 'overwrite'; UserError for
+    a finished run without run.overwrite."""
+    from fairdiff_ray.dist.ckpt import SNAPSHOT
+
     d = run_dir(cfg)
-    if (d / FINISHED).is_file():
-        if not cfg.run.overwrite:
-            raise UserError(f"run {cfg.run.name!r} in {d.parent} already finished (adaptor: {d / 'adaptor'}): "
-                            "pass run.overwrite=true to train it again, or choose another run.name")
+    if (d / FINISHED).is_file() and not cfg.run.overwrite:
+        raise UserError(f"run {cfg.run.name!r} in {d.parent} already finished (adaptor: {d / 'adaptor'}): "
+                        "pass run.overwrite=true to train it again, or choose another run.name")
+    if not d.is_dir():
+        return "new"
+    if cfg.run.overwrite:
         return "overwrite"
-    return "resume" if d.is_dir() and any(d.glob("checkpoint_*")) else "new"
+    return "resume" if any(d.glob("checkpoint_*")) or (d / SNAPSHOT).exists() else "new"
 
 
 def _resume_note(cfg: FairDiffConfig) -> str:
@@ -241,9 +246,9 @@ def _aside(cfg: FairDiffConfig, what: str) -> Path:
     return d.with_name(f".{d.name}.{what}")
 
 
-def _set_aside_finished(cfg: FairDiffConfig) -> Path | None:
-    """run.overwrite: move the finished run out of Ray's way (a new run must not resume it); None for URI
-    storage, whose local mirror is simply cleared as before."""
+def _set_aside_run(cfg: FairDiffConfig) -> Path | None:
+    """run.overwrite: move the existing run (finished or not) out of Ray's way, so the new run cannot resume it;
+    it comes back if the new run fails. None for URI storage, whose local mirror is simply cleared as before."""
     d = run_dir(cfg)
     if _is_uri(cfg.run.storage):
         shutil.rmtree(d)
@@ -260,7 +265,7 @@ def _put_back(cfg: FairDiffConfig, previous: Path) -> None:
     if d.exists():
         d.replace(failed)
     previous.replace(d)
-    print(f"[fairdiff] run.overwrite: the new run of {cfg.run.name!r} did not finish; the previous finished run is "
+    print(f"[fairdiff] run.overwrite: the new run of {cfg.run.name!r} did not finish; the previous run is "
           f"back in {d} (the failed attempt is in {failed})", flush=True)
 
 
@@ -311,12 +316,12 @@ def run_debias(cfg: FairDiffConfig, builders: Any = None) -> Path:
     connect(cfg.ray.address)
     if note:
         print(note, flush=True)
-    previous = _set_aside_finished(cfg) if mode == "overwrite" else None
+    previous = _set_aside_run(cfg) if mode == "overwrite" else None
     try:
         trainer = build_trainer(cfg, builders=builders)
         result = _fit(trainer, cfg)
         out = export_result(cfg, result)
-    except BaseException:  # KeyboardInterrupt too: the previous finished run must come back
+    except BaseException:  # KeyboardInterrupt too: the previous run must come back
         if previous is not None:
             _put_back(cfg, previous)
         raise

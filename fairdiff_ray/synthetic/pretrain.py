@@ -89,7 +89,53 @@ def spec_from_overrides(overrides: dict[str, str]) -> PretrainSpec:
             kw[key] = tuple((t.lower() == "true") if elem is bool else elem(t) for t in text.strip("()[] ").split(","))
         else:
             kw[key] = type(cur)(text)
-    return dataclasses.replace(base, **kw)
+    spec = dataclasses.replace(base, **kw)
+    check_spec(spec)
+    return spec
+
+
+# fields that must be >= 1, > 0, or in [0, 1]
+_AT_LEAST_ONE = ("threads", "max_length", "vae_steps", "vae_batch", "n_latents", "steps", "batch", "report_every",
+                 "checkpoint_every", "text_layers", "text_hidden")
+_POSITIVE = ("vae_lr", "lr")
+_SHARES = ("uncond_prob", "caption_mix", "caption_name_prob", "ema_decay")
+
+
+def check_spec(spec: PretrainSpec) -> None:
+    """ValueError naming the first field out of its range (before any cluster starts)."""
+    for k in _AT_LEAST_ONE:
+        if getattr(spec, k) < 1:
+            raise ValueError(f"{k}={getattr(spec, k)} must be >= 1")
+    for k in _POSITIVE:
+        if not getattr(spec, k) > 0:
+            raise ValueError(f"{k}={getattr(spec, k)} must be > 0")
+    for k in _SHARES:
+        if not 0 <= getattr(spec, k) <= 1:
+            raise ValueError(f"{k}={getattr(spec, k)} must be in [0, 1]")
+    if spec.warmup < 0 or spec.kl_weight < 0:
+        raise ValueError("warmup and kl_weight must be >= 0")
+    if len(spec.unet_channels) != len(spec.cross_attn_levels):
+        raise ValueError(f"unet_channels {spec.unet_channels} and cross_attn_levels {spec.cross_attn_levels} "
+                         "need one entry per level each")
+
+
+SPEC_FILE = "pretrain_spec.json"
+
+
+def check_run_spec(spec: PretrainSpec, storage: str, name: str) -> None:
+    """A rerun of ``storage/name`` resumes it (Ray Train): refuse one whose saved spec differs (a finished run would
+    otherwise write its old weights under the new spec's name). UserError naming the changed keys."""
+    from fairdiff_ray.errors import UserError
+
+    saved = Path(storage).resolve() / name / SPEC_FILE
+    if not saved.is_file():
+        return
+    then = json.loads(saved.read_text(encoding="utf-8"))
+    now = json.loads(json.dumps(dataclasses.asdict(spec)))
+    changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+    if changed:
+        raise UserError(f"pretraining run {name!r} in {storage} was started with other settings ({', '.join(changed)}): "
+                        "give another --name, or delete that run to start it again")
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -419,7 +465,11 @@ def run_pretraining(spec: PretrainSpec, out_dir: str | Path, storage: str = "/tm
     from fairdiff_ray.dist.cluster import connect
 
     check_sources(spec)
+    check_run_spec(spec, storage, name)
     connect(None, num_cpus=spec.threads, configure_logging=False)
+    run_root = Path(storage).resolve() / name
+    run_root.mkdir(parents=True, exist_ok=True)
+    (run_root / SPEC_FILE).write_text(json.dumps(dataclasses.asdict(spec), indent=1) + "\n", encoding="utf-8")
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=dataclasses.asdict(spec),
@@ -433,7 +483,7 @@ def run_pretraining(spec: PretrainSpec, out_dir: str | Path, storage: str = "/tm
     shutil.rmtree(tmp, ignore_errors=True)
     with result.checkpoint.as_directory() as d:
         shutil.copytree(Path(d) / "model", tmp)
-    (tmp / "pretrain_spec.json").write_text(json.dumps(dataclasses.asdict(spec), indent=1) + "\n", encoding="utf-8")
+    (tmp / SPEC_FILE).write_text(json.dumps(dataclasses.asdict(spec), indent=1) + "\n", encoding="utf-8")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
