@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,16 +25,32 @@ class _Section(BaseModel):
 
 
 class RunConfig(_Section):
+    # a directory name under storage: letters, digits, '.', '_', '-' (not '.' or '..'); numbers are taken as text
     name: str = "fairdiff"
-    storage: str = "runs"  # local directory or any pyarrow filesystem URI (s3://, gs://, ...)
+    storage: str = Field("runs", min_length=1)  # local directory or any pyarrow filesystem URI (s3://, gs://, ...)
     seed: int = 0
     overwrite: bool = False
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name_text(cls, v: Any) -> Any:
+        v = str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+        if isinstance(v, str) and (v in (".", "..") or not re.fullmatch(r"[A-Za-z0-9_.-]+", v)):
+            raise ValueError("must be a directory name under run.storage: letters, digits, '.', '_' or '-'")
+        return v
 
 
 class ModelConfig(_Section):
     path: str = "assets/synthetic-sd"  # a local diffusers Stable Diffusion directory
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", v):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
 
 
 class FacesConfig(_Section):
@@ -394,12 +411,28 @@ def apply_overrides(
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"key {key!r} appears twice in one section (line {key_node.start_mark.line + 1}): "
+                                  "merge the two into one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist: pass an existing YAML file (see configs/)")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except ConfigError as e:
+        raise ConfigError(f"config file {str(p)!r}: {e}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {str(p)!r} is not UTF-8 text: save it as UTF-8 YAML") from None
     except yaml.YAMLError as e:

@@ -11,6 +11,8 @@ UserError naming the file / key / value; prompts the tokenizer will truncate pri
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fairdiff_ray.config import AdaptorConfig, FairDiffConfig, FeaturesConfig
 from fairdiff_ray.errors import ConfigError, ModelFileError
 
@@ -22,8 +24,23 @@ def _check_loss_factors(cfg: FairDiffConfig) -> None:
                 raise ConfigError(f"loss.{key}.{a} is missing: give a factor in [0, 1] for attribute {a!r}")
 
 
+def _check_feature_paths(features: FeaturesConfig, key: str = "features") -> None:
+    """CLIP / DINO directories (config.json + weights), the face embedder and face bank paths: checked here, not
+    first inside a Ray worker."""
+    from fairdiff_ray.models.features import CLIP_HINT, DINO_HINT, check_hf_dir
+
+    for name, hint in (("clip", CLIP_HINT), ("dino", DINO_HINT)):
+        if getattr(features, name) is not None:
+            check_hf_dir(getattr(features, name), f"{key}.{name}", hint)
+    for name in ("face_embedder", "face_bank"):
+        path = getattr(features, name)
+        if path is not None and not Path(path).expanduser().exists():
+            raise ModelFileError(f"{key}.{name}: {path} does not exist: give an existing local path or null")
+
+
 def _check_features(features: FeaturesConfig, key: str = "features") -> None:
-    """The synthetic feature net (the only one whose files are not checked by features.check_hf_dir at load)."""
+    """The feature nets' paths; the synthetic feature net's files (not checked by features.check_hf_dir at load)."""
+    _check_feature_paths(features, key)
     if features.synthetic is None:
         return
     from fairdiff_ray.models.sd import read_safetensors_header
@@ -41,6 +58,9 @@ def _warn_long(cfg: FairDiffConfig, prompts: list[list[str]], reserved: int = 0)
     from fairdiff_ray.models.sd import load_tokenizer, warn_long_prompts
 
     tokenizer = load_tokenizer(cfg.model.path)
+    if reserved >= tokenizer.model_max_length - 2:  # BOS and EOS take two positions
+        raise ConfigError(f"adaptor.soft_tokens={reserved} leaves no room for the prompt in the tokenizer's "
+                          f"{tokenizer.model_max_length} tokens: use fewer soft tokens")
     for i, (ps, ps_prompts) in enumerate(zip(cfg.data.prompt_sets, prompts)):
         warn_long_prompts(tokenizer, ps_prompts, f"data.prompt_sets.{i} ({ps.path})", reserved)
 
@@ -76,6 +96,10 @@ def check_debias_inputs(cfg: FairDiffConfig) -> None:
 
     check_preserve(cfg.loss.preserve, list(cfg.target_distribution().attributes), list(classes))
     check_detector(cfg.faces)
+    if cfg.loss.lambda_presence > 0 and cfg.faces.detector != "synthetic":  # loss.FairnessLoss says it in the worker
+        raise ConfigError(f"loss.lambda_presence={cfg.loss.lambda_presence} needs a detector with a differentiable "
+                          f"face score, which faces.detector={cfg.faces.detector} has not: use faces.detector="
+                          "synthetic or set loss.lambda_presence=0")
     _check_features(cfg.features)
     prompts = check_prompt_sets(cfg)
     check_soft_replace(cfg.adaptor, cfg.model.path, prompts, f"data.prompt_sets (split {cfg.data.split})")

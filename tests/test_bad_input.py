@@ -478,3 +478,23 @@ def test_long_prompts_are_truncated_with_one_warning(tmp_path: Path, world: Worl
     assert len(warned) == 1 and "--prompt: 1 prompt(s) longer than the tokenizer's 74 tokens" in warned[0], r.stderr
     assert "Traceback" not in r.stderr
     assert sorted(x.name for x in (tmp_path / "out").iterdir()) == ["generate.json", "seed_0.png"]
+
+
+def test_worker_side_config_errors_are_caught_before_ray(tmp_path: Path, world: World) -> None:
+    """Settings that used to fail only inside a Ray worker (a traceback, a run directory left behind) are refused
+    by the debias checks: the presence term without a differentiable detector, feature net paths that do not
+    exist, more soft tokens than the tokenizer holds."""
+    from fairdiff_ray.config import load_config
+    from fairdiff_ray.errors import ConfigError, ModelFileError
+    from fairdiff_ray.preflight import check_debias_inputs
+
+    def check(*extra: str) -> None:
+        check_debias_inputs(load_config(CFG, [f"model.path={MODEL}", _ps(PROMPTS), *extra]))
+
+    with pytest.raises(ConfigError, match=r"loss.lambda_presence=8.0 needs a detector .* faces.detector=dlib"):
+        check("faces.detector=dlib")
+    for key in ("clip", "dino", "face_embedder", "face_bank"):
+        with pytest.raises(ModelFileError, match=f"features.{key}"):
+            check(f"features.{key}={tmp_path / 'missing'}")
+    with pytest.raises(ConfigError, match="adaptor.soft_tokens=500 leaves no room .* 77 tokens"):
+        check("adaptor.kind=soft_prompt", "adaptor.soft_tokens=500", "adaptor.soft_position=prefix")

@@ -58,6 +58,11 @@ def test_wrong_type_names_key(tmp_path: Path) -> None:
         ("target.gender.classes=[f,f]", r"duplicate"),
         ("sampler.estimator=truncated", r"truncate_k"),
         ("sampler.checkpoint_mode=reentrant", r"checkpoint_mode 'reentrant'.*zero_stage 0 or 1"),
+        ("run.name=", r"run.name: must be a directory name"),
+        ("run.name=../x", r"run.name: must be a directory name"),
+        ("run.name=..", r"run.name: must be a directory name"),
+        ("run.storage=", r"run.storage"),
+        ("model.device=gpu", r"model.device: must be auto, cpu, cuda or cuda:N"),
     ],
 )
 def test_invariants(override: str, pattern: str) -> None:
@@ -68,6 +73,17 @@ def test_invariants(override: str, pattern: str) -> None:
         overrides += ["deepspeed.zero_stage=2", "adaptor.kind=unet_lora"]
     with pytest.raises(ConfigError, match=pattern):
         load_config(None, overrides)
+
+
+def test_names_numbers_and_duplicate_keys(tmp_path: Path) -> None:
+    """A number as run.name is its text; 1e-1 (YAML 1.1: a string) counts as a number in target lists; a key given
+    twice in one YAML section is refused instead of silently keeping the last."""
+    assert load_config(None, ["run.name=2024"]).run.name == "2024"
+    assert load_config(None, ["model.device=cuda:1"]).model.device == "cuda:1"
+    cfg = load_config(None, ["target.gender.probs=[1e-1,9e-1]"])
+    assert cfg.target_distribution().marginal("gender").tolist() == pytest.approx([0.1, 0.9])
+    with pytest.raises(ConfigError, match="key 'train' appears twice in one section \\(line 2\\)"):
+        load_config(write(tmp_path, "train: {steps: 5}\ntrain: {lr: 0.1}\n"))
 
 
 def test_overrides_parse_yaml_values() -> None:

@@ -38,6 +38,18 @@ def _check_classes(name: str, classes: Any) -> list[str]:
     return classes
 
 
+def _numbers(x: Any) -> Any:
+    """Nested lists with number-like strings made floats: YAML 1.1 reads 1e-1 (no dot) as the string '1e-1'."""
+    if isinstance(x, list | tuple):
+        return [_numbers(v) for v in x]
+    if isinstance(x, str):
+        try:
+            return float(x)
+        except ValueError:
+            return x
+    return x
+
+
 @dataclass(frozen=True)
 class TargetDistribution:
     """A user-defined target distribution D over the classes of one or more attributes."""
@@ -66,7 +78,7 @@ class TargetDistribution:
             if not attrs:
                 raise ValueError("target.joint.attributes is empty: name at least one attribute")
             try:
-                probs = torch.as_tensor(joint["probs"], dtype=torch.float64)
+                probs = torch.as_tensor(_numbers(joint["probs"]), dtype=torch.float64)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"target.joint.probs is not a rectangular table of numbers ({e})") from None
             shape = tuple(len(c) for c in attrs.values())
@@ -84,7 +96,7 @@ class TargetDistribution:
                 raise ValueError(f"target.{name} needs exactly the keys 'classes' and 'probs'")
             classes = _check_classes(name, sub["classes"])
             try:
-                p = torch.as_tensor(sub["probs"], dtype=torch.float64)
+                p = torch.as_tensor(_numbers(sub["probs"]), dtype=torch.float64)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"target.{name}.probs is not a list of numbers ({e})") from None
             if p.shape != (len(classes),):
