@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from pathlib import Path
 
@@ -34,6 +35,8 @@ def parse_seeds(text: str) -> list[int]:
         seeds.extend(range(lo, int(m.group(2) or lo) + 1))
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {text!r} names a seed twice; list each seed once")
+    if max(seeds) >= 2**63 or len(seeds) > 100_000:
+        raise ConfigError(f"--seeds {text!r}: seeds must be below 2**63 and at most 100000 of them")
     return seeds
 
 
@@ -86,6 +89,13 @@ def main(argv: list[str]) -> int:
     seeds = parse_seeds(args.seeds)
     if args.steps < 1 or args.batch_size < 1:
         raise ConfigError(f"--steps and --batch-size must be >= 1, got {args.steps} and {args.batch_size}")
+    if not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise ConfigError(f"--guidance {args.guidance}: give a finite number >= 0 (7.5: the pipeline's default)")
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", args.device):
+        raise ConfigError(f"--device {args.device!r}: use auto, cpu, cuda or cuda:N")
+    if args.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {args.device}: no CUDA device here; use --device cpu (or auto)")
     # Every check before any work, so a mistake costs nothing and writes nothing.
     check_output_dir(args.out, args.overwrite, what="--out")
     check_model_dir(args.model)

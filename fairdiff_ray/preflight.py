@@ -121,6 +121,12 @@ def check_eval_inputs(cfg: FairDiffConfig, adaptors: dict[str, str], models: boo
         check_model_dir(cfg.model.path)
         for path in adaptors.values():
             check_adaptor(path, cfg.model.path)
+        if cfg.model.device.startswith("cuda") and cfg.eval.gpus_per_actor == 0:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"model.device={cfg.model.device}: no CUDA device here; use model.device=cpu or "
+                                  "auto (on a GPU cluster also set eval.gpus_per_actor)")
     if scorer:
         from fairdiff_ray.models.classifiers import check_target_classes, classifier_classes
         from fairdiff_ray.models.faces import check_detector

@@ -1,6 +1,6 @@
 """Run a Ray Tune sweep over config paths (issue 7).
 
-    fairdiff sweep --config configs/sweep_synthetic.yaml [sweep.key=value ...]
+    fairdiff sweep --config configs/sweep_synthetic.yaml [key=value ...]   # keys of the sweep: section (sweep.key works too)
     ray job submit --working-dir . -- python jobs/sweep.py --config configs/sweep_synthetic.yaml
 
 Running it again with the same sweep name resumes: finished trials are not re-run.

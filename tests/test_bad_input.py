@@ -365,6 +365,9 @@ RUNTIME_CASES: list[tuple[str, Setup, str]] = [
      r"adaptor file .*ad/pytorch_lora_weights\.safetensors is missing"),
     # flags and outputs
     ("generate-bad-seeds", lambda t, w: _generate(t, "--seeds", "5-2"), r"--seeds '5-2': expected N, N-M \(M >= N\)"),
+    ("generate-huge-seed", lambda t, w: _generate(t, "--seeds", "99999999999999999999"), r"seeds must be below 2\*\*63"),
+    ("generate-nan-guidance", lambda t, w: _generate(t, "--guidance", "nan"), r"--guidance nan: give a finite number"),
+    ("generate-bad-device", lambda t, w: _generate(t, "--device", "gpu"), r"--device 'gpu': use auto, cpu, cuda"),
     ("generate-existing-out", lambda t, w: _existing_out(t),
      r"--out '.*out' already exists: pass --overwrite"),
     ("evaluate-out-is-a-file", lambda t, w: (t / "eval").write_text("x") and _evaluate(t), r"--out '.*eval' is a file"),

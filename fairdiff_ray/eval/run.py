@@ -35,6 +35,9 @@ def parse_adaptors(items: list[str]) -> dict[str, str]:
             raise UserError(f"--adaptor {item!r} is not NAME=DIR (NAME: letters, digits, _ . -)")
         if name == BASE or name in out:
             raise UserError(f"--adaptor name {name!r} is {'reserved' if name == BASE else 'given twice'}: pick another")
+        if "://" in path:
+            raise UserError(f"--adaptor {name}={path}: the evaluation reads a local directory (on a cluster: one every "
+                            "node can read); copy the adaptor there first")
         if not Path(path).exists():
             raise ModelFileError(f"--adaptor {name}={path}: no such adaptor directory: pass the adaptor a debias run wrote")
         out[name] = path
@@ -191,4 +194,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def default_out(cfg: FairDiffConfig) -> Path:
-    return Path(cfg.run.storage) / cfg.run.name / "eval"
+    """<run.storage>/<run.name>/eval; runs/<run.name>/eval when the storage is a URI (the evaluation writes local
+    files)."""
+    storage = "runs" if "://" in cfg.run.storage else cfg.run.storage
+    return Path(storage) / cfg.run.name / "eval"

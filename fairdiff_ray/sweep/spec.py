@@ -152,7 +152,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpe
     data = load_yaml(path)
     if set(data) != {"sweep"}:
         raise ConfigError(f"{path}: a sweep file holds one top-level key 'sweep' (got {sorted(data)})")
-    data = apply_overrides(data, [f"sweep.{o}" for o in overrides or []], defaults={})
+    data = apply_overrides(data, [f"sweep.{o.removeprefix('sweep.')}" for o in overrides or []], defaults={})
     try:
         spec = SweepSpec.model_validate(data["sweep"])
     except ValidationError as err:
