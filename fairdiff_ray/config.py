@@ -427,6 +427,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {str(p)!r} is a directory: pass a YAML file in it (see configs/)")
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist: pass an existing YAML file (see configs/)")
     try:

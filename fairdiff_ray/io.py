@@ -40,11 +40,13 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def check_output_dir(path: str | Path, overwrite: bool, what: str = "output directory") -> Path:
-    """Refuse to reuse a non-empty directory unless overwrite is set (nothing is deleted here)."""
+def check_output_dir(path: str | Path, overwrite: bool, what: str = "output directory",
+                     flag: str = "--overwrite") -> Path:
+    """Refuse to reuse a non-empty directory unless overwrite is set (nothing is deleted here); ``flag`` is how
+    the caller's users set overwrite."""
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise UserError(f"{what} {str(path)!r} already exists: pass --overwrite (or run.overwrite=true) or choose another")
+        raise UserError(f"{what} {str(path)!r} already exists: pass {flag} or choose another")
     return path
 
 

@@ -82,6 +82,8 @@ def test_names_numbers_and_duplicate_keys(tmp_path: Path) -> None:
     assert load_config(None, ["model.device=cuda:1"]).model.device == "cuda:1"
     cfg = load_config(None, ["target.gender.probs=[1e-1,9e-1]"])
     assert cfg.target_distribution().marginal("gender").tolist() == pytest.approx([0.1, 0.9])
+    with pytest.raises(ConfigError, match="is a directory: pass a YAML file"):
+        load_config(tmp_path)
     with pytest.raises(ConfigError, match="key 'train' appears twice in one section \\(line 2\\)"):
         load_config(write(tmp_path, "train: {steps: 5}\ntrain: {lr: 0.1}\n"))
 
