@@ -13,7 +13,8 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	@# CPU machines get the CPU build of torch; a torch already in the venv (e.g. a CUDA build) is kept.
+	@# torch from pip's configured index (the CPU build on this project's machines; README: plain PyPI serves the
+	@# CUDA build, put the CPU wheel in first); a torch already in the venv (e.g. a CUDA build) is kept.
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev]"
 	@rm -f $(VENV)/.installed-*
