@@ -141,8 +141,11 @@ def export_result(cfg: FairDiffConfig, result: Any) -> Path:
     return out
 
 
-# settings a resumed (or reused) run may change: where and how it runs and reports, what evaluates it, its length
-FREE_KEYS = ("run.", "ray.", "eval.", "train.steps", "train.log_every", "train.checkpoint_every", "train.num_to_keep")
+# settings a resumed (or reused) run may change: where and how it runs and reports, what evaluates it, its length,
+# and where its files are (paths resolve against the working directory, which `ray job submit` makes anew per job)
+FREE_KEYS = ("run.", "ray.", "eval.", "train.steps", "train.log_every", "train.checkpoint_every", "train.num_to_keep",
+             "model.path", "data.prompt_sets", "features.", "faces.path", "faces.insightface_pack", "classifier.path",
+             "classifier.backbone")
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
