@@ -107,7 +107,7 @@ def run_evaluation(
     records, attributes = merge_parts(paths)
     extra = {"eval": {"steps": cfg.eval.steps, "guidance_scale": cfg.eval.guidance_scale,
                       "scheduler": cfg.eval.scheduler, "model_path": cfg.model.path,
-                      "adaptors": dict(adaptors), "seconds": round(seconds, 2), **same_as_training(cfg)}}
+                      "adaptors": dict(adaptors), "seconds": round(seconds, 2), **same}}
     summary, pp = summarize(records, attributes, _target(cfg, attributes), cfg.eval.split, extra)
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob(".results.*.tmp"):  # left by a process killed while staging
