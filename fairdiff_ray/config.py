@@ -149,6 +149,9 @@ class LossConfig(_Section):
     # L_face towards its original (false = METHOD.md and the reference code: it counts as a mismatch)
     unconfident_as_match: bool = False
     face_region_scale: dict[str, float] = {"gender": 0.2, "race": 0.3, "age": 0.3}
+    # the face region of that damping: "square" = the square the classifier's crop covers (METHOD.md, reference code),
+    # "box" = the face box grown by (1 + faces.expand) per side (this code until 2026-12-07)
+    face_region: Literal["square", "box"] = "square"
     face_confidence: float = Field(0.9, gt=0, le=1)
     # multiplies the L_img weight w_i of an image whose face the detector no longer finds although the original
     # image has one (1 = METHOD.md). Such images get no alignment target, so drifting into a blurred, undetected face escapes

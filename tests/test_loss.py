@@ -116,6 +116,14 @@ def test_face_region_damping_scales_pixel_gradients_inside_the_box(nets, photos)
     # target equal to the original prediction: no damping
     _, _, g3, _ = _grad(fn, gen, ref, {"gender": torch.tensor([0])}, detach_logits=True)
     torch.testing.assert_close(g3, g1, atol=1e-9, rtol=1e-4)
+    # loss.face_region: the square of the classifier's crop (default) or the box grown per side
+    from fairdiff_ray.models.protocols import Faces
+
+    wide = Faces(boxes=torch.tensor([[100.0, 100.0, 200.0, 150.0]]), scores=torch.ones(1),
+                 landmarks=torch.zeros(1, 5, 2), found=torch.tensor([True]))
+    sq = fn.face_regions(wide, wide, 512, 512)[0].tolist()
+    bx = _make(nets, _cfg(**damp, face_region="box")).face_regions(wide, wide, 512, 512)[0].tolist()
+    assert sq == [75.0, 50.0, 225.0, 200.0] and bx == [75.0, 87.5, 225.0, 162.5]
 
 
 def test_face_term_targets_the_reference_or_the_bank(nets, photos) -> None:

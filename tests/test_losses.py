@@ -122,6 +122,8 @@ def test_box_intersection_and_expand():
     assert torch.isnan(inter[2]).all()
     grown = expand_boxes(torch.tensor([[2.0, 2.0, 6.0, 4.0], [0.0, 0.0, 2.0, 2.0]]), 0.5, height=8, width=7)
     assert grown[0].tolist() == [1.0, 0.0, 7.0, 6.0]  # a square of side 4 x 1.5 about the centre (4, 3)
+    per_side = expand_boxes(torch.tensor([[2.0, 2.0, 6.0, 4.0]]), 0.5, height=8, width=7, square=False)
+    assert per_side[0].tolist() == [1.0, 1.5, 7.0, 4.5]  # loss.face_region: box
     assert grown[1].tolist() == [0.0, 0.0, 2.5, 2.5]  # clipped at the image edge
     with pytest.raises(ValueError):
         expand_boxes(grown, -1.0, 8, 8)

@@ -209,17 +209,19 @@ def box_intersection(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cat([lo, torch.maximum(hi, lo)], dim=1)
 
 
-def expand_boxes(boxes: torch.Tensor, expand: float, height: int, width: int) -> torch.Tensor:
+def expand_boxes(boxes: torch.Tensor, expand: float, height: int, width: int, square: bool = True) -> torch.Tensor:
     """(B, 4) squares about the boxes' centres with side max(w, h) * (1 + expand), clipped to the image: the
     region ``core.crop.crop_square`` gives the classifier (0.5 = half the box size added in total; METHOD.md and
-    the reference code expand the face box to a square)."""
+    the reference code expand the face box to a square); ``square=False``: each side grown by (1 + expand)."""
     if expand < 0:
         raise ValueError(f"expand must be >= 0, got {expand}")
     if boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"boxes must be (B, 4), got {tuple(boxes.shape)}")
     centre = (boxes[:, :2] + boxes[:, 2:]) / 2
-    side = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).amax(dim=1, keepdim=True)
-    half = (side * (1 + expand) / 2).expand(-1, 2)
+    size = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0)
+    if square:
+        size = size.amax(dim=1, keepdim=True).expand(-1, 2)
+    half = size * (1 + expand) / 2
     limit = torch.tensor([width, height], dtype=boxes.dtype, device=boxes.device)
     lo = torch.minimum((centre - half).clamp(min=0), limit)
     hi = torch.minimum((centre + half).clamp(min=0), limit)

@@ -221,11 +221,11 @@ class FairnessLoss:
 
     def face_regions(self, gen: Faces, ref: Faces, height: int, width: int) -> Tensor:
         """(B, 4) intersection of the expanded gen and ref face boxes; NaN rows where either has no face."""
-        e = self.cfg.faces.expand
+        e, sq = self.cfg.faces.expand, self.cfg.loss.face_region == "square"
         both = (gen.found & ref.found).cpu()
         box = box_intersection(
-            expand_boxes(gen.boxes.float().cpu(), e, height, width),
-            expand_boxes(ref.boxes.float().cpu(), e, height, width),
+            expand_boxes(gen.boxes.float().cpu(), e, height, width, sq),
+            expand_boxes(ref.boxes.float().cpu(), e, height, width, sq),
         )
         return torch.where(both[:, None], box, torch.full_like(box, float("nan")))
 
