@@ -414,7 +414,7 @@ def apply_overrides(
     return out
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class _UniqueKeySafeLoader(yaml.SafeLoader):
     """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
 
     def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
@@ -435,7 +435,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist: pass an existing YAML file (see configs/)")
     try:
-        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeySafeLoader)
     except ConfigError as e:
         raise ConfigError(f"config file {str(p)!r}: {e}") from None
     except UnicodeDecodeError:
