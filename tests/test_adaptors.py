@@ -32,7 +32,7 @@ SEEDS = [4, 9]
 STEPS = 3
 LORA_KINDS = ["text_lora", "unet_lora", "both"]
 ALL_KINDS = [*LORA_KINDS, "soft_prompt", "soft_prompt_suffix", "soft_prompt_replace", "full_unet", "full_text"]
-EXPORTABLE = [*LORA_KINDS, "soft_prompt", "soft_prompt_suffix", "soft_prompt_replace"]
+EXPORTABLE = [*LORA_KINDS, "soft_prompt", "soft_prompt_suffix", "soft_prompt_replace", "full_unet", "full_text"]
 REPLACE = "a photo of the face"  # PROMPT's first words: the replace-position soft prompt stands in for them
 
 
@@ -169,6 +169,16 @@ def test_export_loads_in_stock_diffusers_and_reproduces_our_images(model_dir: Pa
         pipe.load_textual_inversion(str(out), token=TOKEN)
         prompt = PROMPT.replace(REPLACE, TOKEN, 1)
         assert meta["usage"].endswith(f'prompt = prompt.replace("{REPLACE}", "{TOKEN}", 1)')
+    elif kind == "full_unet":
+        from diffusers import UNet2DConditionModel
+
+        pipe.unet = UNet2DConditionModel.from_pretrained(str(out), subfolder="unet")
+        assert meta["usage"].endswith('pipe.unet = UNet2DConditionModel.from_pretrained(ADAPTOR_DIR, subfolder="unet")')
+    elif kind == "full_text":
+        from transformers import CLIPTextModel
+
+        pipe.text_encoder = CLIPTextModel.from_pretrained(str(out), subfolder="text_encoder")
+        assert meta["usage"].endswith('CLIPTextModel.from_pretrained(ADAPTOR_DIR, subfolder="text_encoder")')
     else:
         pipe.load_lora_weights(str(out))
     ref = pipe([prompt] * len(SEEDS), latents=noise_from_seeds(SEEDS, comp.latent_shape()), num_inference_steps=STEPS,
