@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fairdiff_ray.core.targets import TargetDistribution
 from fairdiff_ray.errors import ConfigError
+from fairdiff_ray.io import is_uri
 
 
 class _Section(BaseModel):
@@ -40,6 +41,9 @@ class RunConfig(_Section):
         return v
 
 
+DEVICE_RE = r"auto|cpu|cuda(:[0-9]+)?"  # model.device and generate --device
+
+
 class ModelConfig(_Section):
     path: str = "assets/synthetic-sd"  # a local diffusers Stable Diffusion directory
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -48,7 +52,7 @@ class ModelConfig(_Section):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", v):
+        if not re.fullmatch(DEVICE_RE, v):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
         return v
 
@@ -459,14 +463,14 @@ def from_dict(data: dict[str, Any], source: str = "config") -> FairDiffConfig:
 
 
 # Config fields that name local files or directories (URIs such as s3://... are left alone).
-_PATH_FIELDS: tuple[tuple[str, str], ...] = (
+PATH_FIELDS: tuple[tuple[str, str], ...] = (
     ("run", "storage"), ("model", "path"), ("faces", "insightface_pack"), ("faces", "path"),
     ("classifier", "path"), ("classifier", "backbone"), ("features", "clip"), ("features", "dino"),
     ("features", "face_embedder"), ("features", "face_bank"), ("features", "synthetic"))
 
 
 def _absolute(value: str | None, base: Path) -> str | None:
-    if value is None or "://" in value or value == "default" or Path(value).is_absolute():
+    if value is None or is_uri(value) or value == "default" or Path(value).is_absolute():
         return value
     return os.path.normpath(base / value)
 
@@ -479,7 +483,7 @@ def resolve_paths(cfg: FairDiffConfig, base: str | Path | None = None) -> FairDi
     """
     root = Path(base) if base is not None else Path.cwd()
     upd: dict[str, Any] = {}
-    for section, key in _PATH_FIELDS:
+    for section, key in PATH_FIELDS:
         sec = upd.get(section, getattr(cfg, section))
         upd[section] = sec.model_copy(update={key: _absolute(getattr(sec, key), root)})
     upd["eval"] = cfg.eval.model_copy(update={"classifier": cfg.eval.classifier.model_copy(update={

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from fairdiff_ray.config import DEVICE_RE
 from fairdiff_ray.errors import ConfigError
 from fairdiff_ray.io import atomic_dir, check_output_dir
 
@@ -91,7 +92,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"--steps and --batch-size must be >= 1, got {args.steps} and {args.batch_size}")
     if not (math.isfinite(args.guidance) and args.guidance >= 0):
         raise ConfigError(f"--guidance {args.guidance}: give a finite number >= 0 (7.5: the pipeline's default)")
-    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", args.device):
+    if not re.fullmatch(DEVICE_RE, args.device):
         raise ConfigError(f"--device {args.device!r}: use auto, cpu, cuda or cuda:N")
     if args.device.startswith("cuda"):
         if not torch.cuda.is_available():

@@ -14,6 +14,12 @@ from pathlib import Path
 
 from fairdiff_ray.errors import UserError
 
+
+def is_uri(path: str) -> bool:
+    """A pyarrow filesystem URI (s3://, gs://, ...) rather than a local path."""
+    return "://" in path
+
+
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 

@@ -92,14 +92,11 @@ def check_debias_inputs(cfg: FairDiffConfig) -> None:
     classes = classifier_classes(cfg.classifier, "classifier")
     check_target_classes(cfg.target, classes, f"classifier ({cfg.classifier.kind})")
     _check_loss_factors(cfg)
-    from fairdiff_ray.training.loss import check_preserve
+    from fairdiff_ray.training.loss import check_presence_detector, check_preserve
 
     check_preserve(cfg.loss.preserve, list(cfg.target_distribution().attributes), list(classes))
     check_detector(cfg.faces)
-    if cfg.loss.lambda_presence > 0 and cfg.faces.detector != "synthetic":  # loss.FairnessLoss says it in the worker
-        raise ConfigError(f"loss.lambda_presence={cfg.loss.lambda_presence} needs a detector with a differentiable "
-                          f"face score, which faces.detector={cfg.faces.detector} has not: use faces.detector="
-                          "synthetic or set loss.lambda_presence=0")
+    check_presence_detector(cfg, cfg.faces.detector == "synthetic")  # the only detector with presence_logit
     _check_features(cfg.features)
     prompts = check_prompt_sets(cfg)
     check_soft_replace(cfg.adaptor, cfg.model.path, prompts, f"data.prompt_sets (split {cfg.data.split})")

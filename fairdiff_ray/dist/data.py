@@ -29,6 +29,7 @@ from typing import Any
 from fairdiff_ray.config import FairDiffConfig, PromptSetConfig
 from fairdiff_ray.core.seeding import stable_seed
 from fairdiff_ray.errors import DataError
+from fairdiff_ray.io import is_uri
 
 REQUIRED = ("concept", "prompt", "split")
 COLUMNS = ("concept", "prompt", "split", "subject", "weight", "set")
@@ -36,16 +37,12 @@ FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "cs
 EPOCH_MARGIN = 1  # extra epochs materialised beyond the expected need (the Bernoulli copies make L vary)
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
 def _resolve(path: str, key: str) -> tuple[str, Any]:
     """(path, filesystem) with local paths made absolute; DataError if nothing is there."""
     import pyarrow.fs as pafs
 
     try:
-        if _is_uri(path):
+        if is_uri(path):
             fs, inner = pafs.FileSystem.from_uri(path)
         else:
             fs, inner = pafs.LocalFileSystem(), os.path.abspath(path)
@@ -54,7 +51,7 @@ def _resolve(path: str, key: str) -> tuple[str, Any]:
         raise DataError(f"{key}: cannot open prompt set {path!r} ({str(e).splitlines()[0]})") from None
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"{key}: prompt set {path!r} does not exist: give an existing parquet / JSONL / CSV file")
-    return (path if _is_uri(path) else inner), fs
+    return (path if is_uri(path) else inner), fs
 
 
 def _format(path: str, key: str) -> str:
@@ -80,7 +77,7 @@ def _file_bytes(path: str, key: str) -> list[bytes]:
     import pyarrow.fs as pafs
 
     resolved, fs = _resolve(path, key)
-    inner = pafs.FileSystem.from_uri(path)[1] if _is_uri(path) else resolved
+    inner = pafs.FileSystem.from_uri(path)[1] if is_uri(path) else resolved
     try:
         if fs.get_file_info(inner).type == pafs.FileType.Directory:
             infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
@@ -202,7 +199,7 @@ def _read(ps: PromptSetConfig, key: str) -> Any:
 
     path, fs = _resolve(ps.path, key)
     fmt = _format(ps.path, key)
-    fs_arg = fs if _is_uri(ps.path) else None
+    fs_arg = fs if is_uri(ps.path) else None
     try:
         if fmt == "parquet":
             ds = ray.data.read_parquet(path, filesystem=fs_arg)

@@ -24,26 +24,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fairdiff_ray.config import FairDiffConfig
+from fairdiff_ray.config import PATH_FIELDS, FairDiffConfig, load_yaml
 from fairdiff_ray.errors import UserError
-from fairdiff_ray.io import atomic_write_text, swap_in_dir
+from fairdiff_ray.io import atomic_write_text, is_uri, swap_in_dir
 
 FINISHED = "finished.json"
-
-
-def _is_uri(path: str) -> bool:
-    return "://" in path
 
 
 def storage_path(cfg: FairDiffConfig) -> str:
     """run.storage as Ray wants it: a URI as given, a local path made absolute."""
     s = cfg.run.storage
-    return s if _is_uri(s) else str(Path(s).resolve())
+    return s if is_uri(s) else str(Path(s).resolve())
 
 
 def run_dir(cfg: FairDiffConfig) -> Path:
     """The local run directory (for URI storage: a local mirror for metrics and the export)."""
-    if _is_uri(cfg.run.storage):
+    if is_uri(cfg.run.storage):
         return Path.home() / ".cache" / "fairdiff" / "runs" / cfg.run.name
     return Path(storage_path(cfg)) / cfg.run.name
 
@@ -130,7 +126,7 @@ def export_result(cfg: FairDiffConfig, result: Any) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(src, tmp)
     swap_in_dir(tmp, out)
-    if _is_uri(cfg.run.storage):
+    if is_uri(cfg.run.storage):
         import pyarrow.fs as pafs
 
         pafs.copy_files(str(out), f"{cfg.run.storage.rstrip('/')}/{cfg.run.name}/{EXPORT_DIR}")
@@ -144,8 +140,7 @@ def export_result(cfg: FairDiffConfig, result: Any) -> Path:
 # settings a resumed (or reused) run may change: where and how it runs and reports, what evaluates it, its length,
 # and where its files are (paths resolve against the working directory, which `ray job submit` makes anew per job)
 FREE_KEYS = ("run.", "ray.", "eval.", "train.steps", "train.log_every", "train.checkpoint_every", "train.num_to_keep",
-             "model.path", "data.prompt_sets", "features.", "faces.path", "faces.insightface_pack", "classifier.path",
-             "classifier.backbone")
+             "data.prompt_sets", *(f"{section}.{key}" for section, key in PATH_FIELDS))
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -160,11 +155,9 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 def config_changes(cfg: FairDiffConfig, saved_yaml: Path) -> list[str]:
     """The keys (dotted) whose values differ between ``cfg`` and a run's saved config.yaml, apart from FREE_KEYS;
     [] when the file is missing (a run from before configs were saved)."""
-    import yaml
-
     if not saved_yaml.is_file():
         return []
-    raw = yaml.safe_load(saved_yaml.read_text()) or {}
+    raw = load_yaml(saved_yaml)
     try:
         then = _flat(FairDiffConfig.model_validate(raw).model_dump(mode="json"))
     except ValueError:  # a key this version no longer has: compare what is there
@@ -183,7 +176,7 @@ def finished_adaptor(cfg: FairDiffConfig) -> Path | None:
     """The adaptor of a finished local run of ``cfg.run.name`` trained with these settings (None when the run has
     not finished); UserError when it finished with other settings."""
     d = run_dir(cfg)
-    if _is_uri(cfg.run.storage) or not (d / FINISHED).is_file():
+    if is_uri(cfg.run.storage) or not (d / FINISHED).is_file():
         return None
     from fairdiff_ray.dist.worker import CKPT_CONFIG
 
@@ -216,7 +209,7 @@ def _resume_note(cfg: FairDiffConfig) -> str:
     from fairdiff_ray.dist.ckpt import newest_intact
 
     d = run_dir(cfg)
-    if _is_uri(cfg.run.storage):
+    if is_uri(cfg.run.storage):
         return f"[fairdiff] resuming run {cfg.run.name!r} from its last intact checkpoint in {cfg.run.storage}"
     try:
         name, damaged = newest_intact(d)
@@ -253,7 +246,7 @@ def _set_aside_run(cfg: FairDiffConfig) -> Path | None:
     """run.overwrite: move the existing run (finished or not) out of Ray's way, so the new run cannot resume it;
     it comes back if the new run fails. None for URI storage, whose local mirror is simply cleared as before."""
     d = run_dir(cfg)
-    if _is_uri(cfg.run.storage):
+    if is_uri(cfg.run.storage):
         shutil.rmtree(d)
         return None
     previous = _aside(cfg, "previous")

@@ -21,7 +21,7 @@ from fairdiff_ray.errors import ModelFileError, UserError
 from fairdiff_ray.eval.aggregate import summarize
 from fairdiff_ray.eval.pipeline import BASE, generate_and_score, merge_parts, plan_for
 from fairdiff_ray.eval.prompts import load_eval_prompts
-from fairdiff_ray.io import atomic_write_bytes, atomic_write_text, swap_in_dir
+from fairdiff_ray.io import atomic_write_bytes, atomic_write_text, is_uri, swap_in_dir
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -35,7 +35,7 @@ def parse_adaptors(items: list[str]) -> dict[str, str]:
             raise UserError(f"--adaptor {item!r} is not NAME=DIR (NAME: letters, digits, _ . -)")
         if name == BASE or name in out:
             raise UserError(f"--adaptor name {name!r} is {'reserved' if name == BASE else 'given twice'}: pick another")
-        if "://" in path:
+        if is_uri(path):
             raise UserError(f"--adaptor {name}={path}: the evaluation reads a local directory (on a cluster: one every "
                             "node can read); copy the adaptor there first")
         if not Path(path).exists():
@@ -196,5 +196,5 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def default_out(cfg: FairDiffConfig) -> Path:
     """<run.storage>/<run.name>/eval; runs/<run.name>/eval when the storage is a URI (the evaluation writes local
     files)."""
-    storage = "runs" if "://" in cfg.run.storage else cfg.run.storage
+    storage = "runs" if is_uri(cfg.run.storage) else cfg.run.storage
     return Path(storage) / cfg.run.name / "eval"

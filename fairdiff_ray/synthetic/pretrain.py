@@ -119,7 +119,11 @@ def check_spec(spec: PretrainSpec) -> None:
                          "need one entry per level each")
 
 
-SPEC_FILE = "pretrain_spec.json"
+SPEC_FILE = "pretrain_spec.json"  # beside the model and in the run's storage directory
+
+
+def spec_json(spec: PretrainSpec) -> str:
+    return json.dumps(dataclasses.asdict(spec), indent=1) + "\n"
 
 
 def check_run_spec(spec: PretrainSpec, storage: str, name: str) -> None:
@@ -131,7 +135,7 @@ def check_run_spec(spec: PretrainSpec, storage: str, name: str) -> None:
     if not saved.is_file():
         return
     then = json.loads(saved.read_text(encoding="utf-8"))
-    now = json.loads(json.dumps(dataclasses.asdict(spec)))
+    now = json.loads(spec_json(spec))
     changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
     if changed:
         raise UserError(f"pretraining run {name!r} in {storage} was started with other settings ({', '.join(changed)}): "
@@ -469,7 +473,7 @@ def run_pretraining(spec: PretrainSpec, out_dir: str | Path, storage: str = "/tm
     connect(None, num_cpus=spec.threads, configure_logging=False)
     run_root = Path(storage).resolve() / name
     run_root.mkdir(parents=True, exist_ok=True)
-    (run_root / SPEC_FILE).write_text(json.dumps(dataclasses.asdict(spec), indent=1) + "\n", encoding="utf-8")
+    (run_root / SPEC_FILE).write_text(spec_json(spec), encoding="utf-8")
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=dataclasses.asdict(spec),
@@ -483,7 +487,7 @@ def run_pretraining(spec: PretrainSpec, out_dir: str | Path, storage: str = "/tm
     shutil.rmtree(tmp, ignore_errors=True)
     with result.checkpoint.as_directory() as d:
         shutil.copytree(Path(d) / "model", tmp)
-    (tmp / SPEC_FILE).write_text(json.dumps(dataclasses.asdict(spec), indent=1) + "\n", encoding="utf-8")
+    (tmp / SPEC_FILE).write_text(spec_json(spec), encoding="utf-8")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
