@@ -108,8 +108,11 @@ class SamplerConfig(_Section):
     steps: int = Field(21, gt=0)  # METHOD.md: 19-23 steps per training step
     steps_jitter: int = Field(2, ge=0)  # training draws steps uniformly in [steps - jitter, steps + jitter]
     guidance_scale: float = Field(7.5, ge=0)
-    estimator: Literal["adjusted", "exact", "truncated", "random_truncation"] = "adjusted"
+    estimator: Literal["adjusted", "exact", "truncated", "random_truncation", "adjusted_subsampled"] = "adjusted"
     truncate_k: int | None = Field(None, gt=0)
+    # adjusted_subsampled: the model-parameter gradient of K random steps of each chain, scaled by T / K (an
+    # unbiased estimate of the adjusted gradient at ~K / T of its backward; core.sampler.sample_with_grad)
+    subsample_k: int | None = Field(None, gt=0)
     checkpoint: bool = True
     # selective checkpointing (with ``checkpoint``): per chunk, eps calls keep their activations for backward
     # (no recomputation) until this many MB are kept, later calls are checkpointed; 0 = every call checkpointed
@@ -130,6 +133,8 @@ class SamplerConfig(_Section):
     def _k(self) -> SamplerConfig:
         if self.estimator in ("truncated", "random_truncation") and self.truncate_k is None:
             raise ValueError(f"sampler.truncate_k must be set for estimator {self.estimator!r}")
+        if self.estimator == "adjusted_subsampled" and self.subsample_k is None:
+            raise ValueError("sampler.subsample_k must be set for estimator 'adjusted_subsampled'")
         if self.steps_jitter >= self.steps:
             raise ValueError("sampler.steps_jitter must be smaller than sampler.steps")
         return self

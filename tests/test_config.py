@@ -57,6 +57,8 @@ def test_wrong_type_names_key(tmp_path: Path) -> None:
         ("target.gender.probs=[.nan,0.5]", r"NaN"),
         ("target.gender.classes=[f,f]", r"duplicate"),
         ("sampler.estimator=truncated", r"truncate_k"),
+        ("sampler.estimator=adjusted_subsampled", r"subsample_k"),
+        ("sampler.subsample_k=0", r"subsample_k"),
         ("sampler.checkpoint_mode=reentrant", r"checkpoint_mode 'reentrant'.*zero_stage 0 or 1"),
         ("run.name=", r"run.name: must be a directory name"),
         ("run.name=../x", r"run.name: must be a directory name"),

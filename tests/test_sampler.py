@@ -159,8 +159,8 @@ def test_estimators_and_checkpointing_do_not_change_values():
     sched = make_scheduler("dpm", 8)
     theta, x_T = _theta(8), _x_T()
     outs = [
-        _grads(sched, est, 3.0, theta, x_T, truncate_k=3, checkpoint=ck)[0]
-        for est in ("exact", "adjusted", "truncated", "random_truncation")
+        _grads(sched, est, 3.0, theta, x_T, truncate_k=3, subsample_k=3, checkpoint=ck)[0]
+        for est in ("exact", "adjusted", "truncated", "random_truncation", "adjusted_subsampled")
         for ck in (True, False)
     ]
     with torch.no_grad():
@@ -331,12 +331,58 @@ def test_random_truncation_draws_k_uniformly_from_the_generator():
     assert draws(0, 30) == ks
 
 
-@pytest.mark.parametrize("estimator", ["exact", "adjusted", "truncated"])
+@pytest.mark.parametrize("kind", ["ddim", "dpm"])
+def test_adjusted_subsampled_averages_to_the_adjusted_gradient(kind):
+    """Each K-subset's gradient: the chosen steps' parameter terms of the adjusted gradient times T / K, the
+    others exactly zero, the latent path unchanged; the mean over all K-subsets is the adjusted gradient."""
+    import itertools
+
+    n, k = 6, 2
+    sched = make_scheduler(kind, n)
+    theta, x_T = _theta(n), _x_T()
+    _, g_adj, gx_adj = _grads(sched, "adjusted", 3.0, theta, x_T)
+    subsets = list(itertools.combinations(range(n), k))
+    total = torch.zeros_like(g_adj)
+    for steps in subsets:
+        _, g_sub, gx_sub = _grads(sched, "adjusted_subsampled", 3.0, theta, x_T, grad_steps=set(steps))
+        beta_sub, beta_adj = _beta_grad(g_sub, n), _beta_grad(g_adj, n)
+        chosen = torch.tensor([i in steps for i in range(n)])
+        assert (beta_sub[~chosen] == 0).all()
+        assert torch.allclose(beta_sub[chosen], (n / k) * beta_adj[chosen], rtol=1e-10, atol=1e-14)
+        assert torch.allclose(gx_sub, gx_adj, rtol=1e-10, atol=1e-14)
+        total += g_sub
+    assert not torch.allclose(g_sub, g_adj, rtol=1e-3)  # one subset alone is not the adjusted gradient
+    assert torch.allclose(total / len(subsets), g_adj, rtol=1e-10, atol=1e-14)
+
+
+def test_adjusted_subsampled_draws_k_steps_from_the_generator():
+    n, k = 6, 2
+    sched = make_scheduler("ddim", n)
+    theta, x_T = _theta(n), _x_T()
+
+    def draws(seed: int, count: int) -> list[tuple[int, ...]]:
+        gen = torch.Generator().manual_seed(seed)
+        out = []
+        for _ in range(count):
+            _, g_theta, _ = _grads(sched, "adjusted_subsampled", 1.0, theta, x_T, subsample_k=k, generator=gen)
+            out.append(tuple(torch.nonzero((_beta_grad(g_theta, n) != 0).any(dim=1)).flatten().tolist()))
+        return out
+
+    got = draws(0, 30)
+    assert all(len(s) == k for s in got) and len(set(got)) > 5
+    assert {i for s in got for i in s} == set(range(n))
+    assert draws(0, 30) == got
+    _, g_all, _ = _grads(sched, "adjusted_subsampled", 1.0, theta, x_T, subsample_k=n + 1)
+    assert torch.equal(g_all, _grads(sched, "adjusted", 1.0, theta, x_T)[1])  # K >= T: the adjusted gradient
+
+
+@pytest.mark.parametrize("estimator", ["exact", "adjusted", "truncated", "adjusted_subsampled"])
 def test_checkpoint_on_off_same_gradients(estimator):
     sched = make_scheduler("dpm", 6)
     theta, x_T = _theta(6), _x_T()
-    x_on, g_on, gx_on = _grads(sched, estimator, 3.0, theta, x_T, truncate_k=4, checkpoint=True)
-    x_off, g_off, gx_off = _grads(sched, estimator, 3.0, theta, x_T, truncate_k=4, checkpoint=False)
+    kw = {"truncate_k": 4, "grad_steps": {0, 3, 4}}
+    x_on, g_on, gx_on = _grads(sched, estimator, 3.0, theta, x_T, checkpoint=True, **kw)
+    x_off, g_off, gx_off = _grads(sched, estimator, 3.0, theta, x_T, checkpoint=False, **kw)
     assert torch.equal(x_on, x_off)
     assert torch.allclose(g_on, g_off, rtol=1e-13, atol=1e-15)
     if estimator == "truncated":  # x_T feeds only no-grad steps
@@ -382,6 +428,8 @@ def _run(sched, eps=None, **kw):
         (lambda: make_scheduler("ddim", 4), {"estimator": "magic"}, "estimator must be one of"),
         (lambda: make_scheduler("ddim", 4), {"estimator": "truncated"}, "truncate_k"),
         (lambda: make_scheduler("ddim", 4), {"estimator": "random_truncation", "truncate_k": 0}, "truncate_k"),
+        (lambda: make_scheduler("ddim", 4), {"estimator": "adjusted_subsampled"}, "subsample_k"),
+        (lambda: make_scheduler("ddim", 4), {"estimator": "adjusted_subsampled", "grad_steps": {4}}, "grad_steps"),
         (lambda: make_scheduler("ddim", 4, clip_sample=True), {}, "clip_sample"),
         (lambda: make_scheduler("ddim", 4, prediction_type="sample"), {}, "prediction_type"),
         (lambda: make_scheduler("dpm", 4, solver_order=3), {}, "solver_order"),

@@ -287,3 +287,36 @@ def test_reentrant_checkpoint_passes_inputs_whose_rows_are_not_the_images(compon
         unet.requires_grad_(True)
     assert grads[0].shape == base.shape and grads[0].abs().sum() > 0
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-8)
+
+
+def test_adjusted_subsampled_on_the_tiny_unet_averages_to_adjusted(components):
+    """adjusted_subsampled with the worker's settings (reentrant checkpoint, reference rows riding along,
+    embeddings as eps_args): the mean of the embeddings' gradients over all K-subsets of the steps is the
+    adjusted gradient; one subset alone is not, and the images are the same."""
+    import itertools
+
+    unet = components["unet"].requires_grad_(False)
+    try:
+        emb = {k: _embed(components, [p] * BATCH) for k, p in (("c", PROMPT), ("r", "a photo of a face"), ("u", ""))}
+        x_T = _latents()
+
+        def run(**kw):
+            cond = torch.cat([emb["c"], emb["r"]]).clone().requires_grad_(True)
+            uncond = torch.cat([emb["u"]] * 2).clone().requires_grad_(True)
+            x0 = sample_with_grad(unet_eps_fn(unet, cond.detach(), uncond.detach()), torch.cat([x_T] * 2),
+                                  _schedulers(components)["dpm"](), checkpoint=True, checkpoint_mode="reentrant",
+                                  eps_args=unet_eps_args(cond, uncond), num_inference_steps=4, grad_rows=BATCH, **kw)
+            x0[:BATCH].square().mean().backward()
+            return x0.detach(), torch.cat([cond.grad, uncond.grad])
+
+        x_adj, g_adj = run(estimator="adjusted")
+        total = torch.zeros_like(g_adj)
+        subsets = list(itertools.combinations(range(4), 2))
+        for steps in subsets:
+            x_sub, g_sub = run(estimator="adjusted_subsampled", grad_steps=set(steps))
+            assert torch.equal(x_sub, x_adj)
+            total += g_sub
+        assert g_adj.abs().sum() > 0 and not torch.allclose(g_sub, g_adj, rtol=1e-2)
+        assert torch.allclose(total / len(subsets), g_adj, rtol=1e-4, atol=1e-8)
+    finally:
+        unet.requires_grad_(True)

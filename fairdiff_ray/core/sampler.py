@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
 EpsFn = Callable[..., Tensor]
-ESTIMATORS = ("exact", "adjusted", "truncated", "random_truncation")
+ESTIMATORS = ("exact", "adjusted", "truncated", "random_truncation", "adjusted_subsampled")
 # non_reentrant: torch's default checkpoint - the forward records autograd's graph of every op of every model
 #   call (its saved tensors are dropped and recomputed): host memory grows with T by that graph (nodes, saved-
 #   variable records), ~0.2 MB per call of the tiny UNet, several MB for SD v1.5.
@@ -203,7 +203,7 @@ def _dpmpp_update(x: Tensor, x0_hat: Tensor, x0_prev: Tensor | None, st: _Step, 
 
 def _first_grad_step(estimator: str, truncate_k: int | None, n: int, generator: torch.Generator | None) -> int:
     """Index of the first step that carries gradient (0 = all steps)."""
-    if estimator in ("exact", "adjusted"):
+    if estimator in ("exact", "adjusted", "adjusted_subsampled"):
         return 0  # truncate_k is ignored here so one config can sweep over estimators
     if truncate_k is None or int(truncate_k) < 1:
         raise ValueError(f"estimator {estimator!r} needs truncate_k >= 1, got {truncate_k!r}")
@@ -213,6 +213,17 @@ def _first_grad_step(estimator: str, truncate_k: int | None, n: int, generator: 
         gen_device = generator.device if generator is not None else "cpu"
         k = int(torch.randint(1, k + 1, (1,), generator=generator, device=gen_device).item())
     return max(n - k, 0)
+
+
+def subsampled_steps(k: int | None, n: int, generator: torch.Generator | None) -> set[int]:
+    """The steps whose model call carries gradient under "adjusted_subsampled": k of the n steps, drawn uniformly
+    without replacement from ``generator`` (all n when k >= n)."""
+    if k is None or int(k) < 1:
+        raise ValueError(f"estimator 'adjusted_subsampled' needs subsample_k >= 1, got {k!r}")
+    if int(k) >= n:
+        return set(range(n))
+    gen_device = generator.device if generator is not None else "cpu"
+    return set(torch.randperm(n, generator=generator, device=gen_device)[: int(k)].tolist())
 
 
 def _guided_output(
@@ -334,6 +345,8 @@ def sample_with_grad(
     checkpoint_mode: str = "non_reentrant",
     eps_args: tuple[Tensor, ...] = (),
     grad_rows: int | None = None,
+    subsample_k: int | None = None,
+    grad_steps: set[int] | None = None,
 ) -> Tensor | tuple[Tensor, list[Tensor]]:
     """Run the scheduler's sampler from x_T and return x_0 (B, C, h, w), differentiable per ``estimator``.
 
@@ -351,7 +364,14 @@ def sample_with_grad(
                           the gradient reaching each step's post-CFG output scaled by c_t (grad_coefficients);
       "truncated"         exact gradients through the last ``truncate_k`` steps only, earlier steps under no_grad;
       "random_truncation" as truncated with K ~ Uniform{1..truncate_k} drawn from ``generator``.
-      ``truncate_k`` is ignored by "exact" and "adjusted" (truncation and adjustment do not combine).
+      "adjusted_subsampled" adjusted, with the model-parameter path of only ``subsample_k`` of the T steps
+                          (drawn from ``generator``, or ``grad_steps`` given), each scaled by T / K: the other
+                          calls run under no_grad (no activations, no backward) while the linear path between
+                          latents keeps its gradient. Under "adjusted" the steps' parameter gradients are
+                          separate terms (no d eps / d x), so this is an unbiased estimate of the adjusted
+                          gradient at about K / T of its backward cost (the average over all K-subsets equals it).
+      ``truncate_k`` is ignored by "exact", "adjusted" and "adjusted_subsampled" (truncation and adjustment do
+      not combine); ``subsample_k`` / ``grad_steps`` are read by "adjusted_subsampled" only.
     checkpoint: wrap every model call in torch.utils.checkpoint (non-reentrant), keeping memory flat in T.
     keep_activations_bytes: selective checkpointing (with ``checkpoint``): model calls run without the
       checkpoint, their activations kept for backward (no recomputation), until the activations so kept reach
@@ -397,12 +417,21 @@ def sample_with_grad(
     prediction_type = scheduler.config.prediction_type
     first_grad = _first_grad_step(estimator, truncate_k, len(steps), generator)
     grad_on = torch.is_grad_enabled()
-    adjusted = estimator == "adjusted"
+    adjusted = estimator in ("adjusted", "adjusted_subsampled")
     grad_coef = (
         grad_coefficients(scheduler.alphas_cumprod, scheduler.alphas, torch.tensor([s.timestep for s in steps]))
         if adjusted
         else None
     )
+    model_grad = set(range(len(steps)))  # steps whose model call carries gradient
+    if estimator == "adjusted_subsampled":
+        if grad_steps is not None:
+            model_grad = {int(i) for i in grad_steps}
+            if not model_grad or not model_grad <= set(range(len(steps))):
+                raise ValueError(f"grad_steps must be a non-empty subset of 0..{len(steps) - 1}, got {grad_steps}")
+        elif grad_on:  # under no_grad (generation) nothing is drawn: the generator stays where it is
+            model_grad = subsampled_steps(subsample_k, len(steps), generator)
+        grad_coef = grad_coef * (len(steps) / len(model_grad))
 
     kept = _SavedBytes()
     x = x_T * scheduler.init_noise_sigma
@@ -410,22 +439,24 @@ def sample_with_grad(
     x0_prev: Tensor | None = None
     for i, st in enumerate(steps):
         step_grad = grad_on and i >= first_grad
+        call_grad = step_grad and i in model_grad  # the model call's parameter path (adjusted_subsampled: K steps)
         with torch.set_grad_enabled(step_grad):
             t = torch.tensor(st.timestep, dtype=torch.long, device=x.device)
             # 1. Model output. Adjusted DFT (METHOD 4, step 1) feeds the model a detached latent.
             x_in = x.detach() if adjusted else x
             # selective checkpointing: calls keep their activations (counted by kept.pack) until the budget is
             # spent; later ones are checkpointed - the reentrant way (one node per call) or torch's default
-            ckpt = step_grad and checkpoint and kept.bytes >= keep_activations_bytes
+            ckpt = call_grad and checkpoint and kept.bytes >= keep_activations_bytes
             if ckpt and (grad_rows is not None or checkpoint_mode == "reentrant"):
                 m = _grad_rows_output(eps_fn, x_in, t, scheduler, guidance_scale, eps_args, grad_rows, True)
             elif ckpt:
                 m = _torch_checkpoint(_guided_output, model, x_in, t, scheduler, guidance_scale, use_reentrant=False)
-            elif step_grad:
+            elif call_grad:
                 with torch.autograd.graph.saved_tensors_hooks(kept.pack, _unpack) if checkpoint else contextlib.nullcontext():
                     m = _grad_rows_output(eps_fn, x_in, t, scheduler, guidance_scale, eps_args, grad_rows, False)
             else:
-                m = _guided_output(model, x_in, t, scheduler, guidance_scale)
+                with torch.no_grad():
+                    m = _guided_output(model, x_in, t, scheduler, guidance_scale)
             # 2. Adjusted DFT (METHOD 4, step 2): scale the gradient arriving at this step's output by c_t.
             if adjusted and m.requires_grad:
                 c_t = float(grad_coef[i])

@@ -202,7 +202,7 @@ class Worker:
         return sample_with_grad(
             unet_eps_fn(unet or self.comp.unet, cond, uncond), x_T,
             make_scheduler(s.scheduler, self.comp.scheduler_config),
-            estimator=s.estimator, truncate_k=s.truncate_k, checkpoint=s.checkpoint and grad,
+            estimator=s.estimator, truncate_k=s.truncate_k, subsample_k=s.subsample_k, checkpoint=s.checkpoint and grad,
             guidance_scale=s.guidance_scale, generator=torch.Generator().manual_seed(trunc_seed),
             num_inference_steps=steps, keep_activations_bytes=self.keep_activations_bytes if grad else 0,
             checkpoint_mode=self.checkpoint_mode, eps_args=unet_eps_args(cond, uncond), grad_rows=grad_rows,
