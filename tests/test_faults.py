@@ -95,6 +95,31 @@ def test_resume_and_reuse_refuse_other_settings(tmp_path):
         finished_adaptor(cfg("target={gender: {classes: [female, male], probs: [0.3, 0.7]}}"))
 
 
+def test_overwrite_with_uri_storage_deletes_the_run_in_the_bucket(tmp_path, monkeypatch):
+    """URI storage (file:// here, through pyarrow as s3:// or gs:// would be): Ray resumes from the run's
+    directory in the bucket, so run.overwrite deletes it there - also when no local mirror exists - and clears the
+    mirror; without run.overwrite nothing is touched."""
+    from fairdiff_ray.dist.trainer import _set_aside_run, check_run_dir, run_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+    def cfg(*extra):
+        return load_config(None, [f"run.storage=file://{tmp_path / 'bucket'}", "run.name=r", *extra])
+
+    remote = tmp_path / "bucket" / "r"
+    _fake_checkpoint(remote / checkpoint_name(2), 2)
+    assert check_run_dir(cfg()) == "new"  # no mirror: Ray itself resumes from the bucket
+    assert check_run_dir(cfg("run.overwrite=true")) == "overwrite"
+    mirror = run_dir(cfg())
+    assert str(mirror).startswith(str(tmp_path / "home"))
+    (mirror / "metrics.jsonl").parent.mkdir(parents=True)
+    (mirror / "metrics.jsonl").write_text("{}\n")
+    assert _set_aside_run(cfg("run.overwrite=true")) is None
+    assert not remote.exists() and not mirror.exists() and (tmp_path / "bucket").is_dir()
+    assert check_run_dir(cfg("run.overwrite=true")) == "new"
+    assert _set_aside_run(cfg("run.overwrite=true")) is None  # nothing there: nothing to do
+
+
 def test_manifests_find_missing_truncated_and_altered_files(tmp_path):
     assert checkpoint_name(3) == "checkpoint_00000003" and checkpoint_name(3, 2) == "checkpoint_00000003-2"
     assert parse_name("checkpoint_00000003-2") == (3, 2) and parse_name("checkpoint_manager_snapshot.json") is None

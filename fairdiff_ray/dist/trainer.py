@@ -196,6 +196,8 @@ def check_run_dir(cfg: FairDiffConfig) -> str:
     if (d / FINISHED).is_file() and not cfg.run.overwrite:
         raise UserError(f"run {cfg.run.name!r} in {d.parent} already finished (adaptor: {d / 'adaptor'}): "
                         "pass run.overwrite=true to train it again, or choose another run.name")
+    if cfg.run.overwrite and _remote_run(cfg) is not None:
+        return "overwrite"  # URI storage: Ray would resume the bucket's run even without a local mirror
     if not d.is_dir():
         return "new"
     if cfg.run.overwrite:
@@ -242,12 +244,28 @@ def _aside(cfg: FairDiffConfig, what: str) -> Path:
     return d.with_name(f".{d.name}.{what}")
 
 
+def _remote_run(cfg: FairDiffConfig) -> tuple[Any, str] | None:
+    """(pyarrow filesystem, path) of the run's directory in URI storage when it exists there, else None."""
+    if not is_uri(cfg.run.storage):
+        return None
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(f"{cfg.run.storage.rstrip('/')}/{cfg.run.name}")
+    return (fs, path) if fs.get_file_info(path).type == pafs.FileType.Directory else None
+
+
 def _set_aside_run(cfg: FairDiffConfig) -> Path | None:
     """run.overwrite: move the existing run (finished or not) out of Ray's way, so the new run cannot resume it;
-    it comes back if the new run fails. None for URI storage, whose local mirror is simply cleared as before."""
+    it comes back if the new run fails. URI storage: the run's directory there (Ray resumes from it) is deleted
+    and the local mirror cleared; None (nothing to put back)."""
     d = run_dir(cfg)
     if is_uri(cfg.run.storage):
-        shutil.rmtree(d)
+        remote = _remote_run(cfg)
+        if remote is not None:
+            remote[0].delete_dir(remote[1])
+            print(f"[fairdiff] run.overwrite: deleted the previous run {cfg.run.storage.rstrip('/')}/{cfg.run.name}",
+                  flush=True)
+        shutil.rmtree(d, ignore_errors=True)
         return None
     previous = _aside(cfg, "previous")
     shutil.rmtree(previous, ignore_errors=True)
