@@ -18,7 +18,10 @@ each warmed up with one step. Then, per round, interleaved and in a rotating ord
              backward (no recomputation) up to --keep-mb per chunk (sampler.keep_activations_mb), the
              rest are checkpointed;
   non_reentrant  the fused step with torch's non-reentrant checkpoint instead (sampler.checkpoint_mode=
-             non_reentrant; the reference images then run as a chain of their own).
+             non_reentrant; the reference images then run as a chain of their own);
+  subsampled the selective step with sampler.estimator=adjusted_subsampled: the model-parameter gradient of
+             --subsample-k random steps of the T, scaled by T / K (an unbiased estimate of the adjusted
+             gradient, not the full chain's gradient; its own Worker, same model and settings otherwise).
 Reported: the median over rounds of each time and of each per-round ratio (ratios within a round are side by
 side, so load from other processes on the machine affects both sides alike as far as possible).
 
@@ -45,7 +48,7 @@ if str(ROOT) not in sys.path:
 from bench.common import BENCHMARKS, machine, write_section, write_summary  # noqa: E402
 
 PROMPT = "A photo of the face of a nurse, a person"
-VARIANTS = ("gen", "reference", "fused", "selective", "non_reentrant")
+VARIANTS = ("gen", "reference", "fused", "selective", "non_reentrant", "subsampled")
 
 
 def _overrides(args: argparse.Namespace, model: str) -> list[str]:
@@ -94,9 +97,12 @@ def measure(args: argparse.Namespace, model: str) -> dict:
     device = torch.device(args.device)
     builders = _builders(model, args.sd15_size)
     workers = {}
-    for schedule in ("reference", "fused"):
-        cfg = load_config(None, [*_overrides(args, model), f"train.schedule={schedule}", *args.set])
-        workers[schedule] = Worker(cfg, device, builders)
+    for name, extra in (("reference", ["train.schedule=reference"]), ("fused", ["train.schedule=fused"]),
+                        ("subsampled", ["train.schedule=fused", "sampler.estimator=adjusted_subsampled",
+                                        f"sampler.subsample_k={args.subsample_k}"])):
+        cfg = load_config(None, [*_overrides(args, model), *extra, *args.set])
+        workers[name] = Worker(cfg, device, builders)
+    workers["subsampled"].keep_activations_bytes = int(args.keep_mb * 2**20)
     w = workers["fused"]
     cfg = w.cfg
     n, steps = cfg.train.images_per_prompt, cfg.sampler.steps
@@ -122,7 +128,8 @@ def measure(args: argparse.Namespace, model: str) -> dict:
             w.checkpoint_mode, w.batch_reference = mode, batch
 
     calls = {"gen": gen, "reference": lambda s: workers["reference"].train_step([PROMPT], s),
-             "fused": lambda s: w.train_step([PROMPT], s), "selective": selective, "non_reentrant": non_reentrant}
+             "fused": lambda s: w.train_step([PROMPT], s), "selective": selective, "non_reentrant": non_reentrant,
+             "subsampled": lambda s: workers["subsampled"].train_step([PROMPT], s)}
     wall: dict[str, list[float]] = {v: [] for v in VARIANTS}
     cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for v in VARIANTS:  # warm-up (allocator, kernels, DeepSpeed's first step)
@@ -147,7 +154,8 @@ def measure(args: argparse.Namespace, model: str) -> dict:
         return {"fused/reference": med("fused", "reference"), "selective/reference": med("selective", "reference"),
                 "non_reentrant/reference": med("non_reentrant", "reference"), "reference/gen": med("reference", "gen"),
                 "fused/gen": med("fused", "gen"), "selective/gen": med("selective", "gen"),
-                "non_reentrant/gen": med("non_reentrant", "gen")}
+                "non_reentrant/gen": med("non_reentrant", "gen"), "subsampled/reference": med("subsampled", "reference"),
+                "subsampled/gen": med("subsampled", "gen"), "subsampled/selective": med("subsampled", "selective")}
 
     # CPU: process CPU time is the primary clock (one torch thread; other processes on a shared machine
     # stretch wall time, not the work done); CUDA: wall time (synchronised)
@@ -157,7 +165,7 @@ def measure(args: argparse.Namespace, model: str) -> dict:
     peak = None
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
-    return {"model": model, "images": n, "steps": steps, "dtype": str(compute_dtype_name(cfg)), "median_s": med,
+    return {"model": model, "images": n, "steps": steps, "subsample_k": args.subsample_k, "dtype": str(compute_dtype_name(cfg)), "median_s": med,
             "ratio": ratio, "ratio_wall": ratio_wall, "clock": "cpu" if args.device == "cpu" else "wall", "repeats": args.repeats, "peak_gib": peak}
 
 
@@ -176,15 +184,18 @@ def compute_dtype_name(cfg) -> str:  # noqa: ANN001
 def table(rows: list[dict]) -> str:
     lines = ["| model | N | T | dtype | clock | gen s | reference s | fused s | selective s | non_reentrant s | "
              "fused / reference | selective / reference | non_reentrant / reference | reference / gen | fused / gen | "
-             "selective / gen | non_reentrant / gen | wall clock: fused, selective, non_reentrant / reference |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "selective / gen | non_reentrant / gen | subsampled K | subsampled s | subsampled / selective | subsampled / gen | "
+             "wall clock: fused, selective, non_reentrant / reference |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m, q, w = r["median_s"], r["ratio"], r["ratio_wall"]
         lines.append(f"| {r['model']} | {r['images']} | {r['steps']} | {r['dtype']} | {r['clock']} | {m['gen']:.3f} | "
                      f"{m['reference']:.3f} | {m['fused']:.3f} | {m['selective']:.3f} | {m['non_reentrant']:.3f} | "
                      f"{q['fused/reference']:.2f}x | {q['selective/reference']:.2f}x | {q['non_reentrant/reference']:.2f}x | "
                      f"{q['reference/gen']:.2f}x | {q['fused/gen']:.2f}x | {q['selective/gen']:.2f}x | "
-                     f"{q['non_reentrant/gen']:.2f}x | {w['fused/reference']:.2f}x, {w['selective/reference']:.2f}x, "
+                     f"{q['non_reentrant/gen']:.2f}x | {min(r['subsample_k'], r['steps'])} | {m['subsampled']:.3f} | "
+                     f"{q['subsampled/selective']:.2f}x | {q['subsampled/gen']:.2f}x | "
+                     f"{w['fused/reference']:.2f}x, {w['selective/reference']:.2f}x, "
                      f"{w['non_reentrant/reference']:.2f}x |")
     return "\n".join(lines)
 
@@ -203,7 +214,9 @@ def section(rows: list[dict], args: argparse.Namespace) -> str:
         "recomputing them (calls beyond that are checkpointed); fused and selective use the default "
         "sampler.checkpoint_mode (auto: reentrant) and batch the frozen model's reference images into the current "
         "images' UNet calls; non_reentrant = the fused step with torch's default checkpoint and a separate "
-        "reference chain (the fused step before 2026-12-06). "
+        "reference chain (the fused step before 2026-12-06); subsampled = the selective step with "
+        "sampler.estimator=adjusted_subsampled (K of the T steps carry the parameter gradient, scaled by T / K: an "
+        "unbiased estimate of the adjusted gradient, not the full chain's; its own Worker). "
         f"Each variant warmed up once, then {args.repeats} rounds interleaved in rotating order; medians over "
         "rounds (ratios: median of the per-round ratios). gen = one no-grad generation of the same N images "
         "(same noise, T, guidance, adaptor on, VAE decode). Clock cpu = the process's CPU time (one torch "
@@ -224,12 +237,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sd15-size", default="full", choices=["full", "dry"])
     p.add_argument("--keep-mb", type=float, default=1024.0,
                    help="selective variant: eps-call activations kept per chunk (sampler.keep_activations_mb)")
+    p.add_argument("--subsample-k", type=int, default=5,
+                   help="subsampled variant: steps whose model call carries the gradient (sampler.subsample_k)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides")
     p.add_argument("--out", default=str(BENCHMARKS), help="markdown file to write the section into ('-': none)")
     p.add_argument("--section", default="step", help="section name in --out")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    if args.subsample_k < 1:
+        p.error("--subsample-k must be >= 1")
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if args.device == "cuda" else "cpu")
     import torch
     import torch.distributed as dist
@@ -247,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     data = {"allocator": allocator(),
             "models": {r["model"]: {"images": r["images"], "steps": r["steps"], "dtype": r["dtype"],
+                                     "subsample_k": r["subsample_k"],
                                      **{k: round(v, 3) for k, v in r["ratio"].items()}} for r in rows}}
     if args.out != "-":
         write_section(Path(args.out), args.section, text, data)
