@@ -91,6 +91,9 @@ class AdaptorConfig(_Section):
     # the untrained adaptor is the base model. Export usage: prompt.replace(soft_replace, "<fairdiff>", 1)
     soft_replace: str | None = None
     ema_decay: float = Field(0.996, ge=0, lt=1)
+    # the EMA starts from the untrained adaptor, which keeps a share ema_decay**steps in it (0.996 over 500 steps:
+    # 13%); true = Adam-style bias correction: the EMA averages the trained weights only (divided by 1 - decay**t)
+    ema_bias_correction: bool = False
 
     @model_validator(mode="after")
     def _replace(self) -> AdaptorConfig:

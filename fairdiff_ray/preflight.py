@@ -65,6 +65,19 @@ def _warn_long(cfg: FairDiffConfig, prompts: list[list[str]], reserved: int = 0)
         warn_long_prompts(tokenizer, ps_prompts, f"data.prompt_sets.{i} ({ps.path})", reserved)
 
 
+def warn_ema_start(cfg: FairDiffConfig) -> float:
+    """One stderr warning line when the exported EMA would still hold more than 5% of the untrained adaptor
+    (adaptor.ema_decay ** train.steps, e.g. METHOD.md's 0.996 over a few hundred steps); returns that share."""
+    share = 0.0 if cfg.adaptor.ema_bias_correction else cfg.adaptor.ema_decay ** cfg.train.steps
+    if share > 0.05:
+        import sys
+
+        print(f"fairdiff: warning: adaptor.ema_decay={cfg.adaptor.ema_decay:g} over train.steps={cfg.train.steps} "
+              f"leaves {share:.0%} of the untrained adaptor in the exported EMA: set adaptor.ema_bias_correction="
+              "true, a lower ema_decay or more steps", file=sys.stderr, flush=True)
+    return share
+
+
 def check_soft_replace(adaptor: AdaptorConfig, model_path: str, prompts: list[list[str]], where: str) -> None:
     """A soft prompt with ``soft_position: replace``: its words are ``soft_tokens`` tokens and start every prompt."""
     if adaptor.kind != "soft_prompt" or adaptor.soft_position != "replace":

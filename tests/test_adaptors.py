@@ -208,10 +208,14 @@ def test_ema_math_state_dict_and_ema_export(model_dir: Path, tmp_path: Path) -> 
     assert torch.equal(p.detach(), w2)  # swapped back
 
     sd = ad.state_dict()
-    assert set(sd) == {"soft_prompt", "ema.soft_prompt"}
+    assert set(sd) == {"soft_prompt", "ema.soft_prompt", "ema_weight"} and float(sd["ema_weight"]) == 1.0
     other = attach_adaptor(load_components(str(model_dir)), cfg("soft_prompt"), seed=1)
     other.load_state_dict(sd)
     assert torch.equal(other.trainable_parameters()[0].detach(), w2) and torch.equal(other.ema["soft_prompt"], sd["ema.soft_prompt"])
+    old = {k: v for k, v in sd.items() if k != "ema_weight"}  # a state saved before the weight was
+    other.ema_weight = 0.5
+    other.load_state_dict(old)
+    assert other.ema_weight == 1.0
 
     ad.export(str(tmp_path / "a"), {"step": 2})  # EMA by default
     assert torch.allclose(load_file(str(tmp_path / "a" / "learned_embeds.safetensors"))[TOKEN], want, atol=1e-6)
@@ -219,6 +223,46 @@ def test_ema_math_state_dict_and_ema_export(model_dir: Path, tmp_path: Path) -> 
         ad.export(str(tmp_path / "a"), {"step": 3})
     ad.export(str(tmp_path / "a"), {"step": 3}, use_ema=False, overwrite=True)
     assert json.loads((tmp_path / "a" / "fairdiff_adaptor.json").read_text())["step"] == 3
+
+
+def test_ema_bias_correction_averages_the_trained_weights_only(model_dir: Path, capsys) -> None:
+    """adaptor.ema_bias_correction: the EMA holds no share of the untrained adaptor - sum_s (1-d) d^(t-s) w_s
+    / (1 - d^t); before any update the weights are used as they are; its weight survives a state round trip.
+    Without it a short run warns how much of the untrained adaptor the export keeps."""
+    from fairdiff_ray.config import load_config
+    from fairdiff_ray.preflight import warn_ema_start
+
+    comp = load_components(str(model_dir))
+    ad = attach_adaptor(comp, cfg("soft_prompt").model_copy(update={"ema_bias_correction": True}))
+    d = ad.cfg.ema_decay
+    (p,) = ad.trainable_parameters()
+    w0 = p.detach().clone()
+    with ad.ema_applied():
+        assert torch.equal(p.detach(), w0)  # nothing averaged yet
+    w1, w2 = w0 + 1.0, w0 - 3.0
+    with torch.no_grad():
+        p.copy_(w1)
+        ad.ema_update()
+        with ad.ema_applied():
+            assert torch.allclose(p, w1, atol=1e-6)  # one trained weight: the average is that weight
+        p.copy_(w2)
+        ad.ema_update()
+    want = (d * (1 - d) * w1 + (1 - d) * w2) / (1 - d * d)
+    with ad.ema_applied():
+        assert torch.allclose(p, want, atol=1e-6)
+    sd = ad.state_dict()
+    assert abs(float(sd["ema_weight"]) - (1 - d * d)) < 1e-12
+    other = attach_adaptor(load_components(str(model_dir)), ad.cfg, seed=1)
+    other.load_state_dict(sd)
+    with other.ema_applied():
+        assert torch.allclose(other.trainable_parameters()[0], want, atol=1e-6)
+
+    run = load_config(None, ["adaptor.ema_decay=0.996", "train.steps=500"])
+    assert abs(warn_ema_start(run) - 0.996**500) < 1e-12
+    assert "leaves 13% of the untrained adaptor" in capsys.readouterr().err
+    on = load_config(None, ["adaptor.ema_decay=0.996", "train.steps=500", "adaptor.ema_bias_correction=true"])
+    assert warn_ema_start(on) == 0.0 and warn_ema_start(load_config(None, ["train.steps=5000"])) < 0.05
+    assert capsys.readouterr().err == ""
 
 
 def test_soft_prompt_init_is_seeded_near_the_init_word(model_dir: Path) -> None:

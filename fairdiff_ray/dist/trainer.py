@@ -327,6 +327,9 @@ def run_debias(cfg: FairDiffConfig, builders: Any = None) -> Path:
     check_prompt_sets(cfg)
     mode = check_run_dir(cfg)
     note = _resume_note(cfg) if mode == "resume" else None  # UserErrors before Ray starts
+    from fairdiff_ray.preflight import warn_ema_start
+
+    warn_ema_start(cfg)
     connect(cfg.ray.address)
     if note:
         print(note, flush=True)

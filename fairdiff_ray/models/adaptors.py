@@ -57,6 +57,7 @@ from fairdiff_ray.models.sd import Components, encode_ids, encode_prompts, token
 ADAPTER = "default"
 TOKEN = "<fairdiff>"
 INIT_WORD = "person"
+EMA_WEIGHT = "ema_weight"  # in state_dict: the share of trained weights the EMA copies hold
 META_FILE = "fairdiff_adaptor.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 SOFT_FILE = "learned_embeds.safetensors"
@@ -105,7 +106,12 @@ class Adaptor:
             self._base = {f"{name}.{k}": v.detach().to("cpu", copy=True) for k, v in module.named_parameters()}
             module.requires_grad_(True)
         self._params = self._collect()
-        self.ema = {k: p.detach().float().clone() for k, p in self._params.items()}
+        # EMA copies (float32) and the total weight they hold of the trained weights: 1 when they start from the
+        # untrained adaptor (its share decays as decay**t), 0 with adaptor.ema_bias_correction (they start at zero
+        # and are divided by the weight, 1 - decay**t: an average of trained weights only)
+        correct = cfg.ema_bias_correction
+        self.ema = {k: (torch.zeros_like if correct else torch.clone)(p.detach().float()) for k, p in self._params.items()}
+        self.ema_weight = 0.0 if correct else 1.0
 
     # -- construction --------------------------------------------------------------------------------
     def _add_lora(self, name: str, gen: torch.Generator) -> None:
@@ -233,13 +239,15 @@ class Adaptor:
         with torch.no_grad():
             for k, p in self._params.items():
                 self.ema[k].mul_(d).add_(p.detach().float(), alpha=1.0 - d)
+        self.ema_weight = d * self.ema_weight + (1.0 - d)
 
     @contextlib.contextmanager
     def ema_applied(self) -> Iterator[None]:
         """Temporarily put the EMA weights into the trainable parameters (evaluation, export)."""
         stash = {k: p.data for k, p in self._params.items()}
-        for k, p in self._params.items():
-            p.data = self.ema[k].to(p.device, p.dtype)
+        if self.ema_weight > 0:  # 0: bias-corrected and never updated - nothing averaged, the weights as they are
+            for k, p in self._params.items():
+                p.data = (self.ema[k] / self.ema_weight).to(p.device, p.dtype)
         try:
             yield
         finally:
@@ -249,11 +257,12 @@ class Adaptor:
     def state_dict(self) -> dict[str, Tensor]:
         out = {k: p.detach().clone() for k, p in self._params.items()}
         out.update({f"ema.{k}": v.clone() for k, v in self.ema.items()})
+        out[EMA_WEIGHT] = torch.tensor([self.ema_weight], dtype=torch.float64)
         return out
 
     def load_state_dict(self, sd: dict[str, Tensor]) -> None:
         want = set(self._params) | {f"ema.{k}" for k in self._params}
-        if set(sd) != want:
+        if set(sd) - {EMA_WEIGHT} != want:
             missing, extra = sorted(want - set(sd))[:3], sorted(set(sd) - want)[:3]
             raise ValueError(f"adaptor state dict does not match this {self.kind} adaptor: missing {missing}, "
                              f"unexpected {extra}")
@@ -261,6 +270,8 @@ class Adaptor:
             for k, p in self._params.items():
                 p.copy_(sd[k])
                 self.ema[k].copy_(sd[f"ema.{k}"])
+        # states written before the weight was saved held EMAs that started from the untrained adaptor: weight 1
+        self.ema_weight = float(sd[EMA_WEIGHT].reshape(-1)[0]) if EMA_WEIGHT in sd else 1.0
 
     # -- export --------------------------------------------------------------------------------------
     def _lora_layers(self, name: str) -> dict[str, Tensor]:
