@@ -37,6 +37,11 @@ def storage_path(cfg: FairDiffConfig) -> str:
     return s if is_uri(s) else str(Path(s).resolve())
 
 
+def remote_run_uri(cfg: FairDiffConfig) -> str:
+    """<run.storage>/<run.name> for URI storage: the run's directory where Ray keeps its checkpoints."""
+    return f"{cfg.run.storage.rstrip('/')}/{cfg.run.name}"
+
+
 def run_dir(cfg: FairDiffConfig) -> Path:
     """The local run directory (for URI storage: a local mirror for metrics and the export)."""
     if is_uri(cfg.run.storage):
@@ -129,7 +134,7 @@ def export_result(cfg: FairDiffConfig, result: Any) -> Path:
     if is_uri(cfg.run.storage):
         import pyarrow.fs as pafs
 
-        pafs.copy_files(str(out), f"{cfg.run.storage.rstrip('/')}/{cfg.run.name}/{EXPORT_DIR}")
+        pafs.copy_files(str(out), f"{remote_run_uri(cfg)}/{EXPORT_DIR}")
     finished = {"adaptor": str(out), "steps": cfg.train.steps, "skipped": state.get("skipped", 0),
                 "recovered": state.get("recovered", []), "checkpoint": result.checkpoint.path,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -250,7 +255,7 @@ def _remote_run(cfg: FairDiffConfig) -> tuple[Any, str] | None:
         return None
     import pyarrow.fs as pafs
 
-    fs, path = pafs.FileSystem.from_uri(f"{cfg.run.storage.rstrip('/')}/{cfg.run.name}")
+    fs, path = pafs.FileSystem.from_uri(remote_run_uri(cfg))
     return (fs, path) if fs.get_file_info(path).type == pafs.FileType.Directory else None
 
 
@@ -263,8 +268,7 @@ def _set_aside_run(cfg: FairDiffConfig) -> Path | None:
         remote = _remote_run(cfg)
         if remote is not None:
             remote[0].delete_dir(remote[1])
-            print(f"[fairdiff] run.overwrite: deleted the previous run {cfg.run.storage.rstrip('/')}/{cfg.run.name}",
-                  flush=True)
+            print(f"[fairdiff] run.overwrite: deleted the previous run {remote_run_uri(cfg)}", flush=True)
         shutil.rmtree(d, ignore_errors=True)
         return None
     previous = _aside(cfg, "previous")
