@@ -197,7 +197,10 @@ class FeaturesConfig(_Section):
     dino: str | None = None
     face_embedder: str | None = None
     face_bank: str | None = None
-    synthetic: str | None = None  # the synthetic world's stand-in feature net ("default" = the shipped one)
+    # the synthetic world's stand-in feature net: "default" = the shipped training-time net, "eval" = the shipped
+    # evaluation-time net (other architecture, seed and renders: for eval.features), else a .safetensors file or a
+    # directory holding features.safetensors
+    synthetic: str | None = None
 
 
 class TrainConfig(_Section):
@@ -470,6 +473,9 @@ def from_dict(data: dict[str, Any], source: str = "config") -> FairDiffConfig:
         raise ConfigError(_format_error(err, source)) from None
 
 
+# features.synthetic's keywords: the shipped synthetic-world feature net each names (in assets/synthetic-nets)
+SHIPPED_FEATURES = {"default": "features", "eval": "features-eval"}
+
 # Config fields that name local files or directories (URIs such as s3://... are left alone).
 PATH_FIELDS: tuple[tuple[str, str], ...] = (
     ("run", "storage"), ("model", "path"), ("faces", "insightface_pack"), ("faces", "path"),
@@ -477,8 +483,8 @@ PATH_FIELDS: tuple[tuple[str, str], ...] = (
     ("features", "face_embedder"), ("features", "face_bank"), ("features", "synthetic"))
 
 
-def _absolute(value: str | None, base: Path) -> str | None:
-    if value is None or is_uri(value) or value == "default" or Path(value).is_absolute():
+def _absolute(value: str | None, base: Path, keywords: Any = ()) -> str | None:
+    if value is None or is_uri(value) or value in keywords or Path(value).is_absolute():
         return value
     return os.path.normpath(base / value)
 
@@ -493,9 +499,15 @@ def resolve_paths(cfg: FairDiffConfig, base: str | Path | None = None) -> FairDi
     upd: dict[str, Any] = {}
     for section, key in PATH_FIELDS:
         sec = upd.get(section, getattr(cfg, section))
-        upd[section] = sec.model_copy(update={key: _absolute(getattr(sec, key), root)})
-    upd["eval"] = cfg.eval.model_copy(update={"classifier": cfg.eval.classifier.model_copy(update={
-        k: _absolute(getattr(cfg.eval.classifier, k), root) for k in ("path", "backbone")})})
+        keywords = SHIPPED_FEATURES if (section, key) == ("features", "synthetic") else ()
+        upd[section] = sec.model_copy(update={key: _absolute(getattr(sec, key), root, keywords)})
+    ev_upd: dict[str, Any] = {"classifier": cfg.eval.classifier.model_copy(update={
+        k: _absolute(getattr(cfg.eval.classifier, k), root) for k in ("path", "backbone")})}
+    if cfg.eval.features is not None:  # the evaluation's own feature nets: resolved like the training's
+        ev_upd["features"] = cfg.eval.features.model_copy(update={
+            k: _absolute(v, root, SHIPPED_FEATURES if k == "synthetic" else ())
+            for k, v in cfg.eval.features.model_dump().items()})
+    upd["eval"] = cfg.eval.model_copy(update=ev_upd)
     upd["data"] = cfg.data.model_copy(update={"prompt_sets": [
         ps.model_copy(update={"path": _absolute(ps.path, root)}) for ps in cfg.data.prompt_sets]})
     return cfg.model_copy(update=upd)

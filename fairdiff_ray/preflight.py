@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fairdiff_ray.config import AdaptorConfig, FairDiffConfig, FeaturesConfig
+from fairdiff_ray.config import SHIPPED_FEATURES, AdaptorConfig, FairDiffConfig, FeaturesConfig
 from fairdiff_ray.errors import ConfigError, ModelFileError
 
 
@@ -46,12 +46,15 @@ def _check_features(features: FeaturesConfig, key: str = "features") -> None:
     from fairdiff_ray.models.sd import read_safetensors_header
     from fairdiff_ray.synthetic.world import net_files
 
-    path = None if features.synthetic == "default" else features.synthetic
+    shipped = SHIPPED_FEATURES.get(features.synthetic)
+    path, name = (None, shipped) if shipped else (features.synthetic, "features")
     hint = "rebuild the synthetic-world nets with `python jobs/train_synthetic_nets.py`"
-    for f in net_files(path, "features"):
+    if shipped == "features-eval":
+        hint = "train it into the shipped nets with `python jobs/train_synthetic_nets.py --only features-eval`"
+    for f in net_files(path, name):
         if not f.is_file():
             raise ModelFileError(f"{key}.synthetic: synthetic-world feature net file {f} is missing; {hint}")
-    read_safetensors_header(net_files(path, "features")[0], hint)
+    read_safetensors_header(net_files(path, name)[0], hint)
 
 
 def _warn_long(cfg: FairDiffConfig, prompts: list[list[str]], reserved: int = 0) -> None:

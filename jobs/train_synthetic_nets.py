@@ -2,12 +2,12 @@
 
     python jobs/train_synthetic_nets.py [--out assets/synthetic-nets] [--overwrite] [--seed 0] [--scale 1.0]
                                         [--sd assets/synthetic-sd] [--card-only]
-                                        [--only classifier-train|classifier-eval]
+                                        [--only classifier-train|classifier-eval|features|features-eval]
 
-Writes <name>.safetensors + <name>.json for detector, classifier-train, classifier-eval, features, fidelity,
-metrics.json and CARD.md. With --sd, CARD.md also reports the nets on ~100 images that model generates;
---card-only skips training and re-measures the nets already in --out; --only retrains one classifier in the
-existing --out (its detector kept) and updates metrics.json and CARD.md.
+Writes <name>.safetensors + <name>.json for detector, classifier-train, classifier-eval, features, features-eval,
+fidelity, metrics.json and CARD.md. With --sd, CARD.md also reports the nets on ~100 images that model generates;
+--card-only skips training and re-measures the nets already in --out; --only retrains one classifier or feature
+net in the existing --out (its detector kept) and updates metrics.json and CARD.md.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
     from fairdiff_ray.synthetic.train_nets import (
         TrainSpec,
         measure_on_model,
-        retrain_classifier,
+        retrain,
         train_all,
         write_card,
     )
@@ -41,8 +41,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on shared cores)")
     p.add_argument("--sd", default=None, help="a synthetic SD directory to measure the nets on (CARD.md)")
     p.add_argument("--card-only", action="store_true", help="no training: re-measure the nets in --out")
-    p.add_argument("--only", choices=["classifier-train", "classifier-eval"], default=None,
-                   help="retrain this classifier in the existing --out only")
+    p.add_argument("--only", choices=["classifier-train", "classifier-eval", "features", "features-eval"],
+                   default=None, help="retrain this net in the existing --out only")
     args = p.parse_args(argv)
     if args.sd is not None and not (Path(args.sd) / "model_index.json").is_file():
         raise ModelFileError(f"--sd {args.sd}: no model_index.json there; run `python jobs/pretrain_synthetic.py`")
@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
     if args.only:
         if not (Path(args.out) / "metrics.json").is_file():
             raise ModelFileError(f"{Path(args.out) / 'metrics.json'} is missing; train all nets first (no --only)")
-        metrics = retrain_classifier(args.out, spec, args.only.removeprefix("classifier-"))
+        metrics = retrain(args.out, spec, args.only)
         print(f"wrote {write_card(args.out, metrics, measure_on_model(args.sd, args.out) if args.sd else None)}")
         return 0
     if args.card_only:

@@ -175,6 +175,13 @@ def test_relative_paths_resolve_against_the_working_directory(tmp_path: Path, mo
     assert [p.path for p in cfg.data.prompt_sets] == [str(tmp_path / "p.jsonl"), "s3://b/q.jsonl"]
     assert cfg.features.synthetic == "default" and cfg.features.clip == "/abs/clip"
     assert cfg.run.storage == "gs://bucket/runs" and cfg.eval.classifier.path == str(tmp_path / "heads")
+    # the evaluation's own feature nets resolve too; "default" / "eval" name the shipped synthetic nets, and only
+    # in features.synthetic: a directory called "eval" elsewhere is a path like any other
+    cfg = load_config(cfg_file.name, ["eval.features={synthetic: eval, dino: nets/dino}", "model.path=eval"])
+    assert cfg.eval.features.synthetic == "eval" and cfg.eval.features.dino == str(tmp_path / "nets" / "dino")
+    assert cfg.model.path == str(tmp_path / "eval")
+    cfg = load_config(cfg_file.name, ["eval.features={synthetic: mynets}"])
+    assert cfg.eval.features.synthetic == str(tmp_path / "mynets")
 
 
 def test_checkpoint_mode_auto_is_reentrant_where_allowed() -> None:

@@ -23,7 +23,7 @@ from fairdiff_ray.synthetic.train_nets import TrainSpec, box_iou, train_all
 from fairdiff_ray.synthetic.vocab import subjects
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ("detector", "classifier-train", "classifier-eval", "features", "fidelity")
+NAMES = ("detector", "classifier-train", "classifier-eval", "features", "features-eval", "fidelity")
 
 
 def _renders(n: int, seed: int, size: int = 32, face_prob: float = 1.0) -> tuple[dict, dict]:
@@ -51,6 +51,7 @@ def test_shipped_files_load_small_and_frozen() -> None:
         "classifier-train": world.load_classifier(),
         "classifier-eval": world.load_classifier(variant="eval"),
         "features": world.load_features(),
+        "features-eval": world.load_features(name="features-eval"),
         "fidelity": world.load_fidelity(),
     }
     assert isinstance(nets["detector"], FaceDetector)
@@ -58,11 +59,13 @@ def test_shipped_files_load_small_and_frozen() -> None:
         c = nets[v]
         assert isinstance(c, AttributeClassifier)
         assert c.attributes == ATTRIBUTES and c.input_size == 32 and c.crop_expand == 0.5
-    assert isinstance(nets["features"], ImageFeatures) and nets["features"].name == "synthetic"
+    for v in ("features", "features-eval"):
+        assert isinstance(nets[v], ImageFeatures) and nets[v].name == "synthetic"
     for net in nets.values():
         assert not net.training and not any(p.requires_grad for p in net.parameters())
-    # METHOD.md 6: the eval-time classifier is a different net, not a copy.
+    # METHOD.md 6: the eval-time classifier and feature net are different nets, not copies.
     assert nets["classifier-train"].arch["widths"] != nets["classifier-eval"].arch["widths"]
+    assert nets["features"].arch["widths"] != nets["features-eval"].arch["widths"]
 
 
 def test_detector_boxes_landmarks_and_no_faces(detector: FaceDetector, fresh) -> None:
@@ -129,8 +132,9 @@ def test_classifier_logits_carry_gradients_to_pixels(detector, fresh) -> None:
         assert g[0][outside].max() == 0
 
 
-def test_features_normalised_differentiable_and_semantic() -> None:
-    net = world.load_features()
+@pytest.mark.parametrize("name", ["features", "features-eval"])
+def test_features_normalised_differentiable_and_semantic(name: str) -> None:
+    net = world.load_features(name=name)
     n = 96
     a = sample_batch(n, 31)
     content = np.repeat(np.arange(4), n // 4)
@@ -162,6 +166,11 @@ def test_built_from_config() -> None:
     assert isinstance(det, FaceDetector) and clf.arch["name"] == "classifier-eval"
     assert build_classifier(ClassifierConfig(kind="synthetic")).arch["name"] == "classifier-train"
     assert set(build_features(FeaturesConfig(synthetic="default"))) == {"synthetic"}
+    # "default" = the training's feature net, "eval" = the evaluation-time one, a path = that directory's or file's
+    assert build_features(FeaturesConfig(synthetic="default"))["synthetic"].arch["name"] == "features"
+    assert build_features(FeaturesConfig(synthetic="eval"))["synthetic"].arch["name"] == "features-eval"
+    eval_file = str(world.DEFAULT_DIR / "features-eval.safetensors")
+    assert build_features(FeaturesConfig(synthetic=eval_file))["synthetic"].arch["name"] == "features-eval"
     # a path may name the directory or the weights file itself
     assert world.load_classifier(str(world.DEFAULT_DIR / "classifier-eval.safetensors")).arch["name"] == "classifier-eval"
 
@@ -176,6 +185,8 @@ def test_missing_or_broken_weights_are_one_line_errors(tmp_path: Path) -> None:
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="variant"):
         world.load_classifier(variant="test")
+    with pytest.raises(ValueError, match="features-eval"):
+        world.load_features(name="classifier-train")
 
 
 def _weights(d: Path) -> dict[str, bytes]:
@@ -186,7 +197,7 @@ def test_training_is_seeded_and_the_job_writes_everything(tmp_path: Path) -> Non
     spec = TrainSpec(scale=0.004, test=5000)  # a few renders and steps: this checks plumbing, not accuracy
     train_all(tmp_path / "a", spec, log=lambda _: None)
     train_all(tmp_path / "b", spec, log=lambda _: None)
-    assert _weights(tmp_path / "a") == _weights(tmp_path / "b") and len(_weights(tmp_path / "a")) == 5
+    assert _weights(tmp_path / "a") == _weights(tmp_path / "b") and len(_weights(tmp_path / "a")) == 6
     job = importlib.util.spec_from_file_location("job", ROOT / "jobs" / "train_synthetic_nets.py")
     mod = importlib.util.module_from_spec(job)
     job.loader.exec_module(mod)
@@ -246,3 +257,14 @@ def test_gender_blends_get_soft_labels_and_only_retrains_one_classifier(tmp_path
     assert json.loads((out / "classifier-train.json").read_text())["gender_mix"] == 0.5
     assert json.loads((out / "classifier-eval.json").read_text())["gender_mix"] == 0.0
     assert "classifier-train" in json.loads((out / "metrics.json").read_text())
+    # and one feature net: the eval-time one, into a directory trained before it existed
+    for f in out.glob("features-eval.*"):
+        f.unlink()
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics.pop("features-eval")
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    assert mod.main(["--out", str(out), "--scale", "0.004", "--only", "features-eval"]) == 0
+    again = _weights(out)
+    assert {k for k in again if again.get(k) != after.get(k)} == set()  # same seed: the same net, others untouched
+    assert "features-eval" in json.loads((out / "metrics.json").read_text())
+    assert world.load_features(str(out), "features-eval").arch["name"] == "features-eval"

@@ -24,7 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fairdiff_ray.config import FairDiffConfig
+from fairdiff_ray.config import SHIPPED_FEATURES, FairDiffConfig
 from fairdiff_ray.core.seeding import stable_seed
 from fairdiff_ray.eval.prompts import EvalPrompt
 from fairdiff_ray.eval.records import sem_col, similarity_metric
@@ -93,7 +93,7 @@ def _scorer_dirs(spec: dict[str, Any]) -> dict[str, str]:
             "backbone": clf.get("backbone"),
             "fidelity": str(DEFAULT_DIR) if spec["fidelity"] else None}
     for k, v in feats.items():
-        dirs[f"features.{k}"] = str(DEFAULT_DIR) if (k == "synthetic" and v == "default") else v
+        dirs[f"features.{k}"] = str(DEFAULT_DIR) if (k == "synthetic" and v in SHIPPED_FEATURES) else v
     return {k: v for k, v in dirs.items() if v}
 
 

@@ -242,9 +242,11 @@ def build_features(
     if cfg.dino is not None:
         nets["dino"] = load_dino(cfg.dino)
     if cfg.synthetic is not None:
+        from fairdiff_ray.config import SHIPPED_FEATURES
         from fairdiff_ray.synthetic.world import load_features
 
-        nets["synthetic"] = load_features(None if cfg.synthetic == "default" else cfg.synthetic)
+        shipped = SHIPPED_FEATURES.get(cfg.synthetic)
+        nets["synthetic"] = load_features(None, shipped) if shipped else load_features(cfg.synthetic)
     for net in nets.values():
         if isinstance(net, nn.Module):  # frozen whatever the loader did: gradients flow to the pixels only
             _freeze(net).to(device=device, dtype=dtype)

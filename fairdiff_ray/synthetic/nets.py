@@ -78,13 +78,15 @@ FEATURE_HEADS = {"embed": 64}
 FEATURE_AUX = {"content": N_CONTENT, "face": 1, "box": 4, "thumb": 3 * THUMB * THUMB}
 FIDELITY_HEADS = {"content": N_CONTENT}
 
-# Default architectures. The eval-time classifier differs from the train-time one in every choice (METHOD.md
-# section 6: evaluation uses classifiers different from the ones used in training).
+# Default architectures. The eval-time classifier and feature net differ from the train-time ones in every choice
+# (METHOD.md section 6: evaluation uses classifiers and feature models different from the ones used in training).
 ARCHS: dict[str, dict] = {
     "detector": dict(widths=[24, 48, 64], depth=1, kernel=3, act="gelu", pool="max", hidden=128, stem_stride=2),
     "classifier-train": dict(widths=[16, 32, 48], depth=1, kernel=3, act="gelu", pool="max", hidden=64, stem_stride=2),
     "classifier-eval": dict(widths=[24, 32, 64], depth=1, kernel=5, act="silu", pool="avg", hidden=96, stem_stride=2),
     "features": dict(widths=[24, 48, 64], depth=1, kernel=3, act="silu", pool="avg", hidden=128, stem_stride=2),
+    # the eval-time feature net (semantic similarities of the evaluation): other architecture, seed and renders
+    "features-eval": dict(widths=[32, 48, 80], depth=1, kernel=5, act="gelu", pool="max", hidden=96, stem_stride=2),
     "fidelity": dict(widths=[16, 32, 32], depth=1, kernel=3, act="relu", pool="max", hidden=64, stem_stride=2),
 }
 HEADS = {
@@ -92,6 +94,7 @@ HEADS = {
     "classifier-train": CLASSIFIER_HEADS,
     "classifier-eval": CLASSIFIER_HEADS,
     "features": FEATURE_HEADS,
+    "features-eval": FEATURE_HEADS,
     "fidelity": FIDELITY_HEADS,
 }
 
@@ -191,6 +194,7 @@ WRAPPERS: dict[str, type[_Wrapped]] = {
     "classifier-train": SyntheticClassifier,
     "classifier-eval": SyntheticClassifier,
     "features": SyntheticFeatures,
+    "features-eval": SyntheticFeatures,
     "fidelity": SyntheticFidelity,
 }
 

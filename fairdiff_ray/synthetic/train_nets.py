@@ -117,6 +117,34 @@ def _seed(spec: TrainSpec) -> Callable[..., int]:
     return lambda *parts: stable_seed("synthetic-nets", spec.seed, *parts) % (1 << 31)
 
 
+FEATURE_NETS = {"train": "features", "eval": "features-eval"}
+
+
+def train_features(out_dir: str | Path, spec: TrainSpec, variant: str, test: Pool,
+                   log: Callable[[str], None] = print, pool_a: Pool | None = None) -> dict:  # fmt: skip
+    """Train and save the feature net of ``variant``: "train" (``features``, pool A, used by the training's
+    preservation losses) or "eval" (``features-eval``: its own architecture, seed and renders (pool B), for the
+    evaluation's semantic similarities); its measurements on ``test``."""
+    s = _seed(spec)
+    name = FEATURE_NETS[variant]
+    with timer(log, f"{name} pool"):
+        if variant == "train":
+            pool = pool_a if pool_a is not None else render_pool(spec.n("pool_a"), s("pool-a"), face_prob=0.7)
+        else:
+            pool = render_pool(spec.n("pool_b"), s("pool-b", "features"), face_prob=0.7)
+    feats = build_net(name, s("init", name))
+    with torch.random.fork_rng(devices=[]):  # the auxiliary heads' init is seeded too
+        torch.manual_seed(s("init", f"{name}-aux"))
+        trainer = FeatureTrainer(feats.net, feats.arch["heads"]["embed"])
+    with timer(log, name):
+        fit(trainer, features_loss(trainer, pool, spec.batch), spec.n("features_steps"), spec.lr, s("fit", name), log)
+    feats.eval()
+    measured = {"content_probe_clean": measure_content(lambda x: trainer(x)["content"], test)}
+    save_net(feats, out_dir, name, {"measured": measured})
+    log(f"{name}: {measured}")
+    return measured
+
+
 def train_classifier(out_dir: str | Path, spec: TrainSpec, variant: str, det: SyntheticDetector, test: Pool,
                      log: Callable[[str], None] = print, pool_a: Pool | None = None) -> dict:  # fmt: skip
     """Train and save ``classifier-<variant>`` on crops of ``det``'s boxes; its measurements on ``test``.
@@ -148,16 +176,21 @@ def train_classifier(out_dir: str | Path, spec: TrainSpec, variant: str, det: Sy
     return measured
 
 
-def retrain_classifier(out_dir: str | Path, spec: TrainSpec, variant: str, log: Callable[[str], None] = print) -> dict:
-    """Retrain one classifier in an existing nets directory (its detector kept); metrics.json updated."""
+def retrain(out_dir: str | Path, spec: TrainSpec, name: str, log: Callable[[str], None] = print) -> dict:
+    """Retrain one net (``classifier-train``, ``classifier-eval``, ``features`` or ``features-eval``) in an
+    existing nets directory (its detector kept); metrics.json updated."""
     from fairdiff_ray.synthetic.world import load_detector
 
     torch.set_num_threads(spec.threads)
     metrics_file = Path(out_dir) / "metrics.json"
     metrics = json.loads(metrics_file.read_text())
     test = render_pool(spec.n("test"), _seed(spec)("test"), face_prob=0.8)
-    det = load_detector(str(out_dir))
-    metrics[f"classifier-{variant}"] = train_classifier(out_dir, spec, variant, det, test, log)
+    if name.startswith("classifier-"):
+        det = load_detector(str(out_dir))
+        metrics[name] = train_classifier(out_dir, spec, name.removeprefix("classifier-"), det, test, log)
+    else:
+        variant = {v: k for k, v in FEATURE_NETS.items()}[name]
+        metrics[name] = train_features(out_dir, spec, variant, test, log)
     metrics["spec"] = asdict(spec)
     atomic_write_text(metrics_file, json.dumps(metrics, indent=2) + "\n")
     return metrics
@@ -184,16 +217,8 @@ def train_all(out_dir: str | Path, spec: TrainSpec = TrainSpec(), log: Callable[
     for variant in ("train", "eval"):
         metrics[f"classifier-{variant}"] = train_classifier(out_dir, spec, variant, det, test, log, pool_a)
 
-    feats = build_net("features", s("init", "features"))
-    with torch.random.fork_rng(devices=[]):  # the auxiliary heads' init is seeded too
-        torch.manual_seed(s("init", "features-aux"))
-        trainer = FeatureTrainer(feats.net, feats.arch["heads"]["embed"])
-    with timer(log, "features"):
-        fit(trainer, features_loss(trainer, pool_a, b), spec.n("features_steps"), lr, s("fit", "features"), log)
-    feats.eval()
-    metrics["features"] = {"content_probe_clean": measure_content(lambda x: trainer(x)["content"], test)}
-    save_net(feats, out_dir, "features", {"measured": metrics["features"]})
-    log(f"features: {metrics['features']}")
+    for variant in ("train", "eval"):
+        metrics[FEATURE_NETS[variant]] = train_features(out_dir, spec, variant, test, log, pool_a)
 
     fid = build_net("fidelity", s("init", "fidelity"))
     with timer(log, "fidelity"):
@@ -219,7 +244,14 @@ def measure_on_model(model_dir: str | Path, nets_dir: str | Path | None = None, 
 
     from fairdiff_ray.core.seeding import noise_from_seeds
     from fairdiff_ray.synthetic.vocab import subjects
-    from fairdiff_ray.synthetic.world import content_class, load_classifier, load_detector, load_fidelity
+    from fairdiff_ray.synthetic.world import (
+        content_class,
+        load_classifier,
+        load_detector,
+        load_features,
+        load_fidelity,
+        net_files,
+    )
 
     pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
@@ -249,9 +281,22 @@ def measure_on_model(model_dir: str | Path, nets_dir: str | Path | None = None, 
             "confidence_eval": pe.max(-1).values.mean().item(),
         }
     res["fidelity"] = (load_fidelity(nets_dir)(x).argmax(-1) == torch.tensor(want)).float().mean().item()
+    if net_files(nets_dir, "features-eval")[0].is_file():
+        res["features_agreement"] = feature_agreement(load_features(nets_dir, "features"),
+                                                      load_features(nets_dir, "features-eval"), x)
     res["setup"] = {"model": str(model_dir), "steps": steps, "guidance": guidance, "scheduler": "dpmsolver++",
                     "per_prompt": per_prompt}  # fmt: skip
     return res
+
+
+def feature_agreement(a: torch.nn.Module, b: torch.nn.Module, images: torch.Tensor) -> float:
+    """Pearson correlation, over all pairs of ``images``, of the cosine similarities two feature nets give them:
+    how far an evaluation with ``b`` ranks image pairs as the training's ``a`` does (1 = the same)."""
+    sims = []
+    for net in (a, b):
+        e = net(images)
+        sims.append((e @ e.T)[torch.triu_indices(len(e), len(e), 1).unbind()])
+    return torch.corrcoef(torch.stack(sims))[0, 1].item()
 
 
 def _pct(x: float) -> str:
@@ -280,6 +325,7 @@ def write_card(out_dir: str | Path, metrics: dict, on_model: dict | None = None)
         f"| classifier-train | {sizes.get('classifier-train', 0) / 1e6:.2f} MB | gender / race / age on crops, training-time |",
         f"| classifier-eval | {sizes.get('classifier-eval', 0) / 1e6:.2f} MB | other architecture, seed and renders, eval-time |",
         f"| features | {sizes.get('features', 0) / 1e6:.2f} MB | 64-d L2-normalised embedding (CLIP / DINO stand-in) |",
+        f"| features-eval | {sizes.get('features-eval', 0) / 1e6:.2f} MB | other architecture, seed and renders, eval-time |",
         f"| fidelity | {sizes.get('fidelity', 0) / 1e6:.2f} MB | content (shirt) class: prompt fidelity |",
         "",
         "## On held-out renders (clean / augmented)",
@@ -298,7 +344,9 @@ def write_card(out_dir: str | Path, metrics: dict, on_model: dict | None = None)
         lines.append(f"- classifier-train also learned gender blends: {_pct(sp['gender_mix'])} of every batch is "
                      "a * render + (1 - a) * the same scene with the other gender, labelled (a, 1 - a), so an "
                      "in-between image reads as in-between (the eval-time classifier saw plain renders only)")
-    lines.append(f"- features: content linear head {_pct(metrics['features']['content_probe_clean'])}")
+    for name in FEATURE_NETS.values():
+        if name in metrics:
+            lines.append(f"- {name}: content linear head {_pct(metrics[name]['content_probe_clean'])}")
     fid = metrics["fidelity"]
     lines.append(f"- fidelity: content accuracy {_pct(fid['clean'])} / {_pct(fid['augmented'])}")
     if on_model:
@@ -311,4 +359,7 @@ def write_card(out_dir: str | Path, metrics: dict, on_model: dict | None = None)
         for a in ATTRIBUTES:
             lines.append(f"- {a}: train/eval classifier agreement {_pct(m[a]['agreement'])}, mean confidence "
                          f"{m[a]['confidence_train']:.3f} / {m[a]['confidence_eval']:.3f}")  # fmt: skip
+        if "features_agreement" in m:
+            lines.append(f"- features / features-eval: correlation of their cosine similarities over all image "
+                         f"pairs {m['features_agreement']:.3f}")
     return atomic_write_text(out_dir / "CARD.md", "\n".join(lines) + "\n")

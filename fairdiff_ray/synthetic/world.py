@@ -2,7 +2,7 @@
 
 Every net is a small CNN (nets.py) trained on renders (render.py) by ``python jobs/train_synthetic_nets.py``,
 shipped as ``assets/synthetic-nets/<name>.safetensors`` plus ``<name>.json`` (the architecture and what was
-measured). Names: detector, classifier-train, classifier-eval, features, fidelity.
+measured). Names: detector, classifier-train, classifier-eval, features, features-eval, fidelity.
 
 A ``path`` argument may be a directory holding ``<name>.safetensors`` or the ``.safetensors`` file itself;
 ``None`` is the shipped default. Loaded nets are frozen and in eval mode; the classifier, feature and fidelity
@@ -45,6 +45,7 @@ __all__ = [
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "assets" / "synthetic-nets"
 REBUILD = "python jobs/train_synthetic_nets.py"
 VARIANTS = ("train", "eval")
+FEATURE_NAMES = ("features", "features-eval")
 
 
 def net_files(path: str | Path | None, name: str) -> tuple[Path, Path]:
@@ -105,11 +106,14 @@ def load_classifier(path: str | None = None, variant: str = "train") -> Attribut
     return net
 
 
-def load_features(path: str | None = None) -> ImageFeatures:
-    """The CLIP / DINO stand-in (name "synthetic"): images -> (B, D) L2-normalised embeddings."""
-    net = _load(path, "features")
+def load_features(path: str | None = None, name: str = "features") -> ImageFeatures:
+    """The CLIP / DINO stand-in (name "synthetic"): images -> (B, D) L2-normalised embeddings. ``name`` in a
+    directory: "features" (the training's) or "features-eval" (the separately trained evaluation-time net)."""
+    if name not in FEATURE_NAMES:
+        raise ValueError(f"name must be one of {FEATURE_NAMES}, got {name!r}")
+    net = _load(path, name)
     if not isinstance(net, SyntheticFeatures):
-        raise ModelFileError(f"{net_files(path, 'features')[0]} is not a feature net; rebuild with `{REBUILD}`")
+        raise ModelFileError(f"{net_files(path, name)[0]} is not a feature net; rebuild with `{REBUILD}`")
     return net
 
 
