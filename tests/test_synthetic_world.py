@@ -175,7 +175,7 @@ def test_built_from_config() -> None:
     assert world.load_classifier(str(world.DEFAULT_DIR / "classifier-eval.safetensors")).arch["name"] == "classifier-eval"
 
 
-def test_missing_or_broken_weights_are_one_line_errors(tmp_path: Path) -> None:
+def test_missing_or_broken_weights_are_one_line_errors(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(ModelFileError, match=r"detector\.safetensors.*python jobs/train_synthetic_nets\.py"):
         world.load_detector(str(tmp_path))
     (tmp_path / "fidelity.safetensors").write_bytes(b"not a safetensors file")
@@ -187,6 +187,14 @@ def test_missing_or_broken_weights_are_one_line_errors(tmp_path: Path) -> None:
         world.load_classifier(variant="test")
     with pytest.raises(ValueError, match="features-eval"):
         world.load_features(name="classifier-train")
+    # a nets directory from before the eval-time feature net: the preflight names the command that adds it
+    from fairdiff_ray.preflight import _check_features
+
+    monkeypatch.setattr(world, "DEFAULT_DIR", tmp_path)
+    with pytest.raises(ModelFileError, match=r"eval\.features\.synthetic: .*features-eval\.safetensors is missing; "
+                                             r"train it .* --only features-eval") as e:
+        _check_features(FeaturesConfig(synthetic="eval"), "eval.features")
+    assert "\n" not in str(e.value)
 
 
 def _weights(d: Path) -> dict[str, bytes]:
