@@ -108,11 +108,12 @@ def check_debias_inputs(cfg: FairDiffConfig) -> None:
     classes = classifier_classes(cfg.classifier, "classifier")
     check_target_classes(cfg.target, classes, f"classifier ({cfg.classifier.kind})")
     _check_loss_factors(cfg)
+    from fairdiff_ray.models.faces import detector_class
     from fairdiff_ray.training.loss import check_presence_detector, check_preserve
 
     check_preserve(cfg.loss.preserve, list(cfg.target_distribution().attributes), list(classes))
     check_detector(cfg.faces)
-    check_presence_detector(cfg, cfg.faces.detector == "synthetic")  # the only detector with presence_logit
+    check_presence_detector(cfg, callable(getattr(detector_class(cfg.faces.detector), "presence_logit", None)))
     _check_features(cfg.features)
     prompts = check_prompt_sets(cfg)
     check_soft_replace(cfg.adaptor, cfg.model.path, prompts, f"data.prompt_sets (split {cfg.data.split})")

@@ -15,6 +15,7 @@ from fairdiff_ray.models.faces import (
     DlibDetector,
     InsightFaceDetector,
     build_detector,
+    detector_class,
     dlib_to_arcface,
     face_crops,
     from_uint8,
@@ -112,3 +113,14 @@ def test_insightface_missing_pack_is_a_model_file_error_without_network(tmp_path
 def test_build_detector_dlib() -> None:
     det = build_detector(FacesConfig(detector="dlib", dlib_upsample=1))
     assert isinstance(det, DlibDetector) and det.upsample == 1
+
+
+def test_detector_class_tells_what_a_detector_can_do_without_weights() -> None:
+    # the preflight asks it whether loss.lambda_presence has a differentiable face score to work with
+    from fairdiff_ray.synthetic.nets import SyntheticDetector
+
+    assert detector_class("synthetic") is SyntheticDetector and callable(SyntheticDetector.presence_logit)
+    for kind in ("dlib", "insightface"):
+        assert getattr(detector_class(kind), "presence_logit", None) is None
+    with pytest.raises(ConfigError, match="faces.detector='mtcnn' is unknown"):
+        detector_class("mtcnn")

@@ -234,15 +234,26 @@ def check_detector(cfg: FacesConfig) -> None:
 
 def build_detector(cfg: FacesConfig) -> FaceDetector:
     """The detector named by ``faces.detector``: dlib | insightface | synthetic."""
-    if cfg.detector == "dlib":
+    cls = detector_class(cfg.detector)  # an unknown name: ConfigError
+    if cls is DlibDetector:
         return DlibDetector(upsample=cfg.dlib_upsample)
-    if cfg.detector == "insightface":
+    if cls is InsightFaceDetector:
         return InsightFaceDetector(cfg.insightface_pack, det_size=cfg.det_size, min_score=cfg.min_score)
-    if cfg.detector == "synthetic":
-        from fairdiff_ray.synthetic.world import load_detector
+    from fairdiff_ray.synthetic.world import load_detector
 
-        return load_detector(cfg.path)
-    raise ConfigError(f"faces.detector={cfg.detector!r} is unknown; use dlib, insightface or synthetic")
+    return load_detector(cfg.path)
+
+
+def detector_class(kind: str) -> type:
+    """The class ``faces.detector`` names, without loading any weights (preflight: what the detector can do)."""
+    if kind == "synthetic":
+        from fairdiff_ray.synthetic.nets import SyntheticDetector
+
+        return SyntheticDetector
+    classes = {"dlib": DlibDetector, "insightface": InsightFaceDetector}
+    if kind not in classes:
+        raise ConfigError(f"faces.detector={kind!r} is unknown; use dlib, insightface or synthetic")
+    return classes[kind]
 
 
 def face_crops(
