@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from fairdiff_ray.config import SHIPPED_FEATURES
 from fairdiff_ray.errors import ModelFileError
 from fairdiff_ray.io import atomic_write_text
 from fairdiff_ray.models.protocols import AttributeClassifier, FaceDetector, ImageFeatures
@@ -45,7 +46,7 @@ __all__ = [
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "assets" / "synthetic-nets"
 REBUILD = "python jobs/train_synthetic_nets.py"
 VARIANTS = ("train", "eval")
-FEATURE_NAMES = ("features", "features-eval")
+FEATURE_NAMES = tuple(SHIPPED_FEATURES.values())  # the feature nets of a nets directory: training, evaluation
 
 
 def net_files(path: str | Path | None, name: str) -> tuple[Path, Path]:
