@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fairdiff_ray.config import SHIPPED_FEATURES, AdaptorConfig, FairDiffConfig, FeaturesConfig
+from fairdiff_ray.config import AdaptorConfig, FairDiffConfig, FeaturesConfig
 from fairdiff_ray.errors import ConfigError, ModelFileError
 
 
@@ -44,17 +44,17 @@ def _check_features(features: FeaturesConfig, key: str = "features") -> None:
     if features.synthetic is None:
         return
     from fairdiff_ray.models.sd import read_safetensors_header
-    from fairdiff_ray.synthetic.world import net_files
+    from fairdiff_ray.synthetic.world import feature_source, net_files
 
-    shipped = SHIPPED_FEATURES.get(features.synthetic)
-    path, name = (None, shipped) if shipped else (features.synthetic, "features")
+    path, name = feature_source(features.synthetic)
     hint = "rebuild the synthetic-world nets with `python jobs/train_synthetic_nets.py`"
-    if shipped == "features-eval":
+    if path is None and name == "features-eval":
         hint = "train it into the shipped nets with `python jobs/train_synthetic_nets.py --only features-eval`"
-    for f in net_files(path, name):
+    files = net_files(path, name)
+    for f in files:
         if not f.is_file():
             raise ModelFileError(f"{key}.synthetic: synthetic-world feature net file {f} is missing; {hint}")
-    read_safetensors_header(net_files(path, name)[0], hint)
+    read_safetensors_header(files[0], hint)
 
 
 def _warn_long(cfg: FairDiffConfig, prompts: list[list[str]], reserved: int = 0) -> None:
@@ -113,7 +113,7 @@ def check_debias_inputs(cfg: FairDiffConfig) -> None:
 
     check_preserve(cfg.loss.preserve, list(cfg.target_distribution().attributes), list(classes))
     check_detector(cfg.faces)
-    check_presence_detector(cfg, callable(getattr(detector_class(cfg.faces.detector), "presence_logit", None)))
+    check_presence_detector(cfg, detector_class(cfg.faces.detector))
     _check_features(cfg.features)
     prompts = check_prompt_sets(cfg)
     check_soft_replace(cfg.adaptor, cfg.model.path, prompts, f"data.prompt_sets (split {cfg.data.split})")

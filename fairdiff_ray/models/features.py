@@ -242,11 +242,9 @@ def build_features(
     if cfg.dino is not None:
         nets["dino"] = load_dino(cfg.dino)
     if cfg.synthetic is not None:
-        from fairdiff_ray.config import SHIPPED_FEATURES
-        from fairdiff_ray.synthetic.world import load_features
+        from fairdiff_ray.synthetic.world import feature_source, load_features
 
-        shipped = SHIPPED_FEATURES.get(cfg.synthetic)
-        nets["synthetic"] = load_features(None, shipped) if shipped else load_features(cfg.synthetic)
+        nets["synthetic"] = load_features(*feature_source(cfg.synthetic))
     for net in nets.values():
         if isinstance(net, nn.Module):  # frozen whatever the loader did: gradients flow to the pixels only
             _freeze(net).to(device=device, dtype=dtype)

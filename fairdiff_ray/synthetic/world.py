@@ -107,6 +107,13 @@ def load_classifier(path: str | None = None, variant: str = "train") -> Attribut
     return net
 
 
+def feature_source(value: str) -> tuple[str | None, str]:
+    """``features.synthetic`` -> (path, net name) for load_features / net_files: a keyword (SHIPPED_FEATURES) names
+    a shipped net, anything else is a directory or file holding ``features``."""
+    shipped = SHIPPED_FEATURES.get(value)
+    return (None, shipped) if shipped else (value, "features")
+
+
 def load_features(path: str | None = None, name: str = "features") -> ImageFeatures:
     """The CLIP / DINO stand-in (name "synthetic"): images -> (B, D) L2-normalised embeddings. ``name`` in a
     directory: "features" (the training's) or "features-eval" (the separately trained evaluation-time net)."""

@@ -76,9 +76,10 @@ class Scored:
                       {a: p[rows] for a, p in self.probs.items()}, {a: z[rows] for a, z in self.kept.items()})
 
 
-def check_presence_detector(cfg: FairDiffConfig, differentiable: bool) -> None:
-    """loss.lambda_presence needs a detector with a differentiable face score (``presence_logit``; ConfigError)."""
-    if cfg.loss.lambda_presence > 0 and not differentiable:
+def check_presence_detector(cfg: FairDiffConfig, detector: Any) -> None:
+    """loss.lambda_presence needs a detector with a differentiable face score (``presence_logit``; ConfigError).
+    ``detector``: the detector, or its class (the preflight's, before any weights load)."""
+    if cfg.loss.lambda_presence > 0 and not callable(getattr(detector, "presence_logit", None)):
         raise ConfigError(
             f"loss.lambda_presence={cfg.loss.lambda_presence} needs a detector with a differentiable face "
             f"score, which faces.detector={cfg.faces.detector} has not: use faces.detector=synthetic or set "
@@ -169,7 +170,7 @@ class FairnessLoss:
         self.use_img = bool(self.features) and cfg.loss.lambda_img > 0
         self.use_face = face_embedder is not None and cfg.loss.lambda_face > 0
         self.use_presence = cfg.loss.lambda_presence > 0
-        check_presence_detector(cfg, callable(getattr(detector, "presence_logit", None)))
+        check_presence_detector(cfg, detector)
 
     @property
     def needs_reference(self) -> bool:
